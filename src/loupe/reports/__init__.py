@@ -1,0 +1,27 @@
+"""Evaluation tables, plots and attention heatmaps, written atomically."""
+
+from __future__ import annotations
+
+from loupe.reports.io import save_attention_npz, save_png, write_bytes, write_csv, write_json, write_text
+from loupe.reports.metrics import attention_share, classification_metrics, mean_entropy
+from loupe.reports.overlays import attention_overlay, heatmap_image, panel_titles
+from loupe.reports.plots import plot_confusion, plot_pr, plot_roc, save_figure
+
+__all__ = [
+    "attention_overlay",
+    "attention_share",
+    "classification_metrics",
+    "heatmap_image",
+    "mean_entropy",
+    "panel_titles",
+    "plot_confusion",
+    "plot_pr",
+    "plot_roc",
+    "save_attention_npz",
+    "save_figure",
+    "save_png",
+    "write_bytes",
+    "write_csv",
+    "write_json",
+    "write_text",
+]

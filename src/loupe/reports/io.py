@@ -1,0 +1,148 @@
+"""Atomic writers for report outputs: a crash or a kill never leaves a half-written file behind.
+
+Every writer creates the parent folder, writes to a temporary file in the same folder and then moves it onto
+the target with ``os.replace``, so readers (and a resumed run that skips finished work) only ever see
+complete files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from loupe.errors import LoupeError
+
+__all__ = ["save_attention_npz", "save_png", "write_bytes", "write_csv", "write_json", "write_text"]
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temp file beside ``path`` and move it into place; the temp file never survives."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # os.open with mode 0o666 honours the umask: ordinary permissions (mkstemp would give 0600).
+    tmp_name = os.fspath(target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return target
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write raw bytes atomically (used by the plotting functions for their PNGs)."""
+    return _atomic_write(path, lambda handle: handle.write(data))
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy values, paths, dataclasses and non-finite floats into plain JSON (NaN/inf → None)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(_jsonable(key)): _jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(value) for value in obj]
+    raise LoupeError(
+        f"cannot write a value of type {type(obj).__name__} to JSON: convert it to a plain type first"
+    )
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON; numpy values and paths are converted, NaN and inf become null."""
+    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    return write_text(path, text + "\n")
+
+
+def _csv_cell(value: object) -> object:
+    """One CSV cell: numpy scalars unwrapped, None and non-finite floats written as empty cells."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def write_csv(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, object]], columns: Sequence[str]
+) -> Path:
+    """Write ``rows`` as CSV with a header of ``columns`` (in that order); keys not listed are left out."""
+    columns = list(columns)
+    if not columns:
+        raise LoupeError(f"write_csv({os.fspath(path)!r}): no columns given")
+    if len(set(columns)) != len(columns):
+        raise LoupeError(f"write_csv({os.fspath(path)!r}): duplicate column names in {columns}")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(column)) for column in columns])
+    return write_text(path, buffer.getvalue())
+
+
+def save_attention_npz(
+    path: str | os.PathLike[str], maps: Mapping[str, np.ndarray], **extra_arrays: np.ndarray
+) -> Path:
+    """Save attention maps keyed by magnification label (plus any extra arrays) as a compressed .npz."""
+    clash = set(maps) & set(extra_arrays)
+    if clash:
+        raise LoupeError(
+            f"save_attention_npz: extra array names {sorted(clash)} clash with magnification labels"
+        )
+    arrays = {str(label): np.asarray(value) for label, value in maps.items()}
+    arrays.update({name: np.asarray(value) for name, value in extra_arrays.items()})
+    return _atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
+
+
+def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """Save a uint8 image (H,W), (H,W,3) or (H,W,4) as a PNG."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise LoupeError(f"save_png({os.fspath(path)!r}): expected a uint8 image, got dtype {image.dtype}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise LoupeError(
+            f"save_png({os.fspath(path)!r}): expected shape (H,W), (H,W,3) or (H,W,4), got {image.shape}"
+        )
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return write_bytes(path, buffer.getvalue())
