@@ -66,9 +66,7 @@ def test_cell_rects_vectorised_equals_per_cell() -> None:
     np.testing.assert_allclose(rects, np.asarray(expected))
     np.testing.assert_allclose(grid.downsamples(idx), rects[:, 2] / 299)
     mags, rows, cols = grid.cells(idx)
-    assert [
-        grid.flat_index(int(m), int(r), int(c)) for m, r, c in zip(mags, rows, cols, strict=True)
-    ] == idx.tolist()
+    assert [grid.flat_index(int(m), int(r), int(c)) for m, r, c in zip(mags, rows, cols, strict=True)] == idx.tolist()
     assert grid.cell_rects(np.array([], dtype=np.int64)).shape == (0, 4)
 
 

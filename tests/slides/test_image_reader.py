@@ -155,7 +155,5 @@ def test_bach_sized_image_end_to_end(tmp_path: Path) -> None:
         np.testing.assert_array_equal(patches[-1][:6, :7], img[1495:1501, 1794:1801])  # cell (5, 6) at ds 1
         assert (patches[-1][41:] == 255).all()  # below the image (1536 - 5 * 299 = 41 rows)
         with ThreadPoolExecutor(8) as pool:
-            again = list(
-                pool.map(lambda r: s.read_region(r[0], r[1], (r[2], r[3]), (299, 299)), grid.cell_rects(idx))
-            )
+            again = list(pool.map(lambda r: s.read_region(r[0], r[1], (r[2], r[3]), (299, 299)), grid.cell_rects(idx)))
         np.testing.assert_array_equal(np.stack(again), patches)

@@ -19,9 +19,7 @@ def test_describe_pyramid_with_magnifications(slides_dir: Path) -> None:
     assert mags["ds8"]["grid"] == (2, 2)  # 2967/8 = 371 rows, 2220/8 = 278 cols -> ceil(/256)
     assert d["n_cells"] == sum(m["cells"] for m in d["magnifications"])
     text = format_description(d)
-    assert (
-        "aperio" in text and "0.499 µm/px" in text and "read from level 1" in text and "grid 2 rows" in text
-    )
+    assert "aperio" in text and "0.499 µm/px" in text and "read from level 1" in text and "grid 2 rows" in text
 
 
 def test_describe_without_mpp_reports_the_fix(slides_dir: Path) -> None:

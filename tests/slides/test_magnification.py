@@ -38,9 +38,7 @@ def test_downsample_form_and_explicit_label() -> None:
     assert parse_magnification(0.42, label="200X").label == "200X"
 
 
-@pytest.mark.parametrize(
-    "spec", ["", "abc", "20y", "x20", "-0.5", "0", "0x", "ds0", "ds-2", True, None, [0.5]]
-)
+@pytest.mark.parametrize("spec", ["", "abc", "20y", "x20", "-0.5", "0", "0x", "ds0", "ds-2", True, None, [0.5]])
 def test_bad_specs_list_the_accepted_forms(spec: object) -> None:
     with pytest.raises(ConfigError, match="accepted forms"):
         parse_magnification(spec)  # type: ignore[arg-type]

@@ -74,9 +74,7 @@ def test_pyramid_region_at_1um_reads_level_1(slides_dir: Path) -> None:
         lds = s.level_downsamples[1]
         raw = openslide.OpenSlide(str(s.path))
         try:
-            direct = np.asarray(
-                raw.read_region((round(x), round(y)), 1, (256, 256)).convert("RGB"), dtype=np.int16
-            )
+            direct = np.asarray(raw.read_region((round(x), round(y)), 1, (256, 256)).convert("RGB"), dtype=np.int16)
         finally:
             raw.close()
         assert round(x / lds) == 200

@@ -80,9 +80,7 @@ class Manifest:
         """The records of one split (``train``, ``val`` or ``test``); ManifestError if there are none."""
         name = _SPLIT_ALIASES.get(split.strip().lower(), split.strip().lower())
         if name not in SPLITS:
-            raise ManifestError(
-                f"Unknown split {split!r} for {_where(self.source)}; use one of {', '.join(SPLITS)}."
-            )
+            raise ManifestError(f"Unknown split {split!r} for {_where(self.source)}; use one of {', '.join(SPLITS)}.")
         records = tuple(r for r in self.records if r.split == name)
         if not records:
             present = sorted({r.split for r in self.records if r.split is not None})
@@ -103,9 +101,7 @@ class Manifest:
             if missing:
                 parts.append(f"slides without a label: {_short_list(missing)}")
             if unknown:
-                parts.append(
-                    f"slides with a label outside the classes {list(self.classes)}: {_short_list(unknown)}"
-                )
+                parts.append(f"slides with a label outside the classes {list(self.classes)}: {_short_list(unknown)}")
             raise ManifestError(
                 f"{_where(self.source)}: cannot index labels; {'; '.join(parts)}. Fill the label column with "
                 f"one of the classes (or add the label to the classes)."
@@ -281,8 +277,7 @@ def load_manifest(
         problems.append(f"empty path in {_rows(no_path)}: give each slide's file path.")
     if missing:
         listing = "\n".join(
-            f"    row {r}: {p}" + (f"  (written as {raw!r})" if raw != str(p) else "")
-            for r, raw, p in missing
+            f"    row {r}: {p}" + (f"  (written as {raw!r})" if raw != str(p) else "") for r, raw, p in missing
         )
         problems.append(
             f"{len(missing)} of {len(rows)} slide files not found:\n{listing}\n"
@@ -311,14 +306,10 @@ def load_manifest(
         problems.append(f"mpp must be a positive number of µm per pixel (or empty): {listing}.")
     if bad_split:
         listing = "; ".join(f"row {r}: {v!r}" for r, v in bad_split)
-        problems.append(
-            f"unknown split value ({listing}); use one of {', '.join(SPLITS)}, or leave it empty."
-        )
+        problems.append(f"unknown split value ({listing}); use one of {', '.join(SPLITS)}, or leave it empty.")
     if problems:
         body = "\n".join(f"- {p}" for p in problems)
-        raise ManifestError(
-            f"Manifest {source} has {len(problems)} problem(s) (row 1 is the header):\n{body}"
-        )
+        raise ManifestError(f"Manifest {source} has {len(problems)} problem(s) (row 1 is the header):\n{body}")
 
     if given_classes is not None:
         class_order = given_classes
@@ -362,9 +353,7 @@ def _expand_folder(folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
-        names = sorted(
-            n for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in SLIDE_SUFFIXES
-        )
+        names = sorted(n for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in SLIDE_SUFFIXES)
         suffixes = {Path(n).suffix.lower() for n in names}
         dicom_taken = False
         for n in names:
@@ -420,9 +409,7 @@ def _unique_ids(files: Sequence[Path]) -> list[str]:
     counts: dict[str, int] = defaultdict(int)
     for sid in ids:
         counts[sid] += 1
-    ids = [
-        sid if counts[sid] == 1 else f"{_default_parent(f)}_{sid}" for sid, f in zip(ids, files, strict=True)
-    ]
+    ids = [sid if counts[sid] == 1 else f"{_default_parent(f)}_{sid}" for sid, f in zip(ids, files, strict=True)]
     used: set[str] = set()
     out = []
     for sid in ids:

@@ -25,9 +25,7 @@ def _where(manifest: Manifest) -> str:
     return f"manifest {manifest.source}" if manifest.source is not None else "the manifest (built in memory)"
 
 
-def assign_splits(
-    manifest: Manifest, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0
-) -> Manifest:
+def assign_splits(manifest: Manifest, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> Manifest:
     """Give a split to every record whose split is empty; records that have one keep it.
 
     Fractions are of the whole manifest, counting the splits already given (a manifest with a fixed test
@@ -102,9 +100,7 @@ def assign_splits(
         assigned[best] += g
 
     _fill_empty_splits(targets, choice, free, assigned.sum(axis=1), split_of, order)
-    return manifest.with_records(
-        r if r.split is not None else replace(r, split=choice[_group_key(r)]) for r in records
-    )
+    return manifest.with_records(r if r.split is not None else replace(r, split=choice[_group_key(r)]) for r in records)
 
 
 def _fill_empty_splits(
@@ -120,9 +116,7 @@ def _fill_empty_splits(
     for split in targets:
         if sizes[split_of[split]] > 0:
             continue
-        candidates = [
-            k for k in order if choice[k] != split and sizes[split_of[choice[k]]] - len(free[k]) >= 1
-        ]
+        candidates = [k for k in order if choice[k] != split and sizes[split_of[choice[k]]] - len(free[k]) >= 1]
         if not candidates:
             continue
         # smallest group, from the fullest split; later groups in the order first (deterministic)
@@ -152,9 +146,7 @@ def group_kfold(manifest: Manifest, n_folds: int, seed: int = 0) -> list[tuple[n
     y = np.array([label_ids[r.label or ""] for r in records])
     groups = np.array([group_ids[k] for k in keys])
     cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    folds = [
-        (np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)) for tr, te in cv.split(y, y, groups)
-    ]
+    folds = [(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)) for tr, te in cv.split(y, y, groups)]
     if any(len(te) == 0 for _, te in folds):
         raise ManifestError(
             f"Cannot make {n_folds} non-empty folds from {_where(manifest)} ({len(group_ids)} groups of very "

@@ -79,9 +79,7 @@ def _jsonable(obj: Any) -> Any:
         return {str(_jsonable(key)): _jsonable(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [_jsonable(value) for value in obj]
-    raise LoupeError(
-        f"cannot write a value of type {type(obj).__name__} to JSON: convert it to a plain type first"
-    )
+    raise LoupeError(f"cannot write a value of type {type(obj).__name__} to JSON: convert it to a plain type first")
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -101,9 +99,7 @@ def _csv_cell(value: object) -> object:
     return value
 
 
-def write_csv(
-    path: str | os.PathLike[str], rows: Sequence[Mapping[str, object]], columns: Sequence[str]
-) -> Path:
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> Path:
     """Write ``rows`` as CSV with a header of ``columns`` (in that order); keys not listed are left out."""
     columns = list(columns)
     if not columns:
@@ -124,9 +120,7 @@ def save_attention_npz(
     """Save attention maps keyed by magnification label (plus any extra arrays) as a compressed .npz."""
     clash = set(maps) & set(extra_arrays)
     if clash:
-        raise LoupeError(
-            f"save_attention_npz: extra array names {sorted(clash)} clash with magnification labels"
-        )
+        raise LoupeError(f"save_attention_npz: extra array names {sorted(clash)} clash with magnification labels")
     arrays = {str(label): np.asarray(value) for label, value in maps.items()}
     arrays.update({name: np.asarray(value) for name, value in extra_arrays.items()})
     return _atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
@@ -140,9 +134,7 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     if image.dtype != np.uint8:
         raise LoupeError(f"save_png({os.fspath(path)!r}): expected a uint8 image, got dtype {image.dtype}")
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-        raise LoupeError(
-            f"save_png({os.fspath(path)!r}): expected shape (H,W), (H,W,3) or (H,W,4), got {image.shape}"
-        )
+        raise LoupeError(f"save_png({os.fspath(path)!r}): expected shape (H,W), (H,W,3) or (H,W,4), got {image.shape}")
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
     return write_bytes(path, buffer.getvalue())

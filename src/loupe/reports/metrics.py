@@ -18,9 +18,7 @@ from loupe.errors import LoupeError
 __all__ = ["attention_share", "classification_metrics", "mean_entropy"]
 
 
-def _check_inputs(
-    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Validate labels and probabilities against the class list; returns (int labels, float probabilities)."""
     names = list(class_names)
     n_classes = len(names)
@@ -31,9 +29,7 @@ def _check_inputs(
     if y.ndim != 1:
         raise LoupeError(f"y_true must be a 1-D array of class indices, got shape {y.shape}")
     if p.ndim != 2 or p.shape != (y.shape[0], n_classes):
-        raise LoupeError(
-            f"probs must have shape (n_samples, n_classes) = ({y.shape[0]}, {n_classes}), got {p.shape}"
-        )
+        raise LoupeError(f"probs must have shape (n_samples, n_classes) = ({y.shape[0]}, {n_classes}), got {p.shape}")
     if y.size and not np.issubdtype(y.dtype, np.integer) and not np.all(np.equal(np.mod(y, 1), 0)):
         raise LoupeError("y_true must hold integer class indices")
     y = y.astype(np.int64)

@@ -44,9 +44,7 @@ def _as_rgb(thumbnail: np.ndarray) -> np.ndarray:
 def _check_map(attention_map: np.ndarray, index: int = 0) -> np.ndarray:
     values = np.asarray(attention_map, dtype=np.float64)
     if values.ndim != 2 or values.size == 0:
-        raise LoupeError(
-            f"attention map {index} must be a non-empty (rows, cols) array, got shape {values.shape}"
-        )
+        raise LoupeError(f"attention map {index} must be a non-empty (rows, cols) array, got shape {values.shape}")
     if not np.all(np.isfinite(values)) or np.any(values < 0):
         raise LoupeError(f"attention map {index} has negative or non-finite values")
     return values
@@ -58,9 +56,7 @@ def _check_extent(cell_extent: tuple[float, float], index: int = 0) -> tuple[flo
     except (TypeError, ValueError) as exc:
         raise LoupeError(f"cell extent {index} must be (width, height), got {cell_extent!r}") from exc
     if not (math.isfinite(width) and math.isfinite(height) and width > 0 and height > 0):
-        raise LoupeError(
-            f"cell extent {index} must be positive (width, height) in pixels, got {cell_extent!r}"
-        )
+        raise LoupeError(f"cell extent {index} must be positive (width, height) in pixels, got {cell_extent!r}")
     return width, height
 
 
@@ -137,8 +133,7 @@ def attention_overlay(
         raise LoupeError("attention_overlay needs at least one attention map")
     if len(labels) != len(values) or len(cell_extents) != len(values):
         raise LoupeError(
-            f"got {len(values)} maps, {len(labels)} labels and {len(cell_extents)} cell extents;"
-            " they must match"
+            f"got {len(values)} maps, {len(labels)} labels and {len(cell_extents)} cell extents; they must match"
         )
     extents = [_check_extent(e, j) for j, e in enumerate(cell_extents)]
     if sampled is not None and len(sampled) != len(values):
@@ -159,9 +154,7 @@ def attention_overlay(
         ax.set_title(titles[j])
         for row, col in sampled[j] if sampled is not None else ():
             if not (0 <= row < value.shape[0] and 0 <= col < value.shape[1]):
-                raise LoupeError(
-                    f"sampled cell ({row}, {col}) lies outside map {label} of shape {value.shape}"
-                )
+                raise LoupeError(f"sampled cell ({row}, {col}) lies outside map {label} of shape {value.shape}")
             ax.add_patch(
                 Rectangle(
                     (col * extent[0] - 0.5, row * extent[1] - 0.5),

@@ -45,9 +45,7 @@ def _fmt(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3f}"
 
 
-def plot_roc(
-    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str | os.PathLike[str]
-) -> Path:
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str | os.PathLike[str]) -> Path:
     """One-vs-rest ROC curves: the micro average plus one curve per class, with AUCs in the legend."""
     onehot, p, names = _one_vs_rest(y_true, probs, class_names)
     fig = Figure(figsize=(5.5, 5))
@@ -70,9 +68,7 @@ def plot_roc(
     return save_figure(fig, path)
 
 
-def plot_pr(
-    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str | os.PathLike[str]
-) -> Path:
+def plot_pr(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str | os.PathLike[str]) -> Path:
     """One-vs-rest precision–recall curves: micro average plus one curve per class, APs in the legend."""
     onehot, p, names = _one_vs_rest(y_true, probs, class_names)
     fig = Figure(figsize=(5.5, 5))
@@ -111,9 +107,7 @@ def plot_confusion(
     counts = np.asarray(cm)
     names = [str(name) for name in class_names]
     if counts.ndim != 2 or counts.shape != (len(names), len(names)):
-        raise LoupeError(
-            f"confusion matrix must be {len(names)}×{len(names)} for classes {names}, got {counts.shape}"
-        )
+        raise LoupeError(f"confusion matrix must be {len(names)}×{len(names)} for classes {names}, got {counts.shape}")
     row_sums = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, row_sums, out=np.zeros(counts.shape, dtype=np.float64), where=row_sums > 0)
     size = max(3.5, 1.0 + 0.8 * len(names))
@@ -124,9 +118,7 @@ def plot_confusion(
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
             colour = "white" if fractions[i, j] > 0.5 else "black"
-            text = (
-                f"{counts[i, j]:g}\n{100 * fractions[i, j]:.0f}%" if row_sums[i, 0] else f"{counts[i, j]:g}"
-            )
+            text = f"{counts[i, j]:g}\n{100 * fractions[i, j]:.0f}%" if row_sums[i, 0] else f"{counts[i, j]:g}"
             ax.text(j, i, text, ha="center", va="center", color=colour, fontsize="small")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)

@@ -98,9 +98,7 @@ class ImageReader(SlideReader):
             page = tif.pages.first
             self._size = (int(page.imagewidth), int(page.imagelength))
             self._file_mpp = tiff_mpp(page)
-            self._props.update(
-                {"image.format": "TIFF", "image.dtype": str(page.dtype), "image.axes": page.axes}
-            )
+            self._props.update({"image.format": "TIFF", "image.dtype": str(page.dtype), "image.axes": page.axes})
 
     def _open_pil(self) -> None:
         try:
@@ -173,9 +171,7 @@ class ImageReader(SlideReader):
                 self._check_open()
                 full = to_rgb8(self._decode())
                 if full.shape[:2] != (self._size[1], self._size[0]):
-                    raise SlideError(
-                        f"slide {self.path}: decoded size {full.shape[:2]} differs from its header"
-                    )
+                    raise SlideError(f"slide {self.path}: decoded size {full.shape[:2]} differs from its header")
                 self._full = full
             return self._full
 
@@ -237,9 +233,7 @@ class ImageReader(SlideReader):
     def thumbnail(self, size: tuple[int, int]) -> np.ndarray:
         self._check_open()
         w, h = self._size
-        return read_box_from_array(
-            self._full_image(), 0.0, 0.0, float(w), float(h), (int(size[0]), int(size[1]))
-        )
+        return read_box_from_array(self._full_image(), 0.0, 0.0, float(w), float(h), (int(size[0]), int(size[1])))
 
     def close(self) -> None:
         with self._lock:

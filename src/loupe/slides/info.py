@@ -32,9 +32,7 @@ def describe_slide(
             "dimensions": reader.dimensions,
             "levels": [
                 {"level": i, "dimensions": dims, "downsample": ds}
-                for i, (dims, ds) in enumerate(
-                    zip(reader.level_dimensions, reader.level_downsamples, strict=True)
-                )
+                for i, (dims, ds) in enumerate(zip(reader.level_dimensions, reader.level_downsamples, strict=True))
             ],
             "mpp": reader.mpp,
             "mpp_source": "override" if mpp is not None else ("file" if reader.mpp is not None else None),
@@ -42,9 +40,7 @@ def describe_slide(
         }
         if magnifications is None:
             return desc
-        mags = tuple(
-            m if isinstance(m, Magnification) else parse_magnifications([m])[0] for m in magnifications
-        )
+        mags = tuple(m if isinstance(m, Magnification) else parse_magnifications([m])[0] for m in magnifications)
         entries = []
         try:
             for mag in mags:

@@ -105,9 +105,7 @@ def parse_magnifications(
             )
         if len(set(labels)) != len(labels):
             raise ConfigError(f"magnification labels must be unique, got {list(labels)}")
-    mags = tuple(
-        parse_magnification(spec, None if labels is None else labels[i]) for i, spec in enumerate(specs)
-    )
+    mags = tuple(parse_magnification(spec, None if labels is None else labels[i]) for i, spec in enumerate(specs))
     for i, a in enumerate(mags):
         for b in mags[:i]:
             same_mpp = a.mpp is not None and b.mpp is not None and math.isclose(a.mpp, b.mpp, rel_tol=1e-9)
@@ -117,9 +115,7 @@ def parse_magnifications(
                 and math.isclose(a.downsample, b.downsample, rel_tol=1e-9)
             )
             if same_mpp or same_ds:
-                raise ConfigError(
-                    f"magnifications {b.label!r} and {a.label!r} are the same resolution: list each once"
-                )
+                raise ConfigError(f"magnifications {b.label!r} and {a.label!r} are the same resolution: list each once")
     labels_out = [m.label for m in mags]
     if len(set(labels_out)) != len(labels_out):
         raise ConfigError(f"magnification labels must be unique, got {labels_out}: pass explicit labels")

@@ -68,9 +68,7 @@ class OpenSlideReader(SlideReader):
 
     @property
     def file_mpp(self) -> float | None:
-        values = [
-            v for v in (_float_property(self._props, k) for k in ("openslide.mpp-x", "openslide.mpp-y")) if v
-        ]
+        values = [v for v in (_float_property(self._props, k) for k in ("openslide.mpp-x", "openslide.mpp-y")) if v]
         return sum(values) / len(values) if values else None
 
     @property

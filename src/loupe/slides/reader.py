@@ -79,9 +79,7 @@ class SlideReader(ABC):
                 best = i
         return best
 
-    def read_region(
-        self, x: float, y: float, size0: tuple[float, float], out_size: tuple[int, int]
-    ) -> np.ndarray:
+    def read_region(self, x: float, y: float, size0: tuple[float, float], out_size: tuple[int, int]) -> np.ndarray:
         """The level-0 rectangle (x, y, w0, h0) resampled to out_size (w, h): HxWx3 uint8, white outside."""
         self._check_open()
         w0, h0 = float(size0[0]), float(size0[1])
@@ -142,6 +140,4 @@ class SlideReader(ABC):
 
     def __repr__(self) -> str:
         w, h = self.dimensions
-        return (
-            f"{type(self).__name__}({str(self.path)!r}, {w}x{h}, levels={self.level_count}, mpp={self.mpp})"
-        )
+        return f"{type(self).__name__}({str(self.path)!r}, {w}x{h}, levels={self.level_count}, mpp={self.mpp})"

@@ -31,9 +31,7 @@ def crop_padded(image: np.ndarray, x0: int, y0: int, width: int, height: int) ->
     return out
 
 
-def resample_box(
-    image: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int]
-) -> np.ndarray:
+def resample_box(image: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
     """Resample the float box (x0, y0, x1, y1) of an RGB array (box inside it) to out_size (w, h).
 
     Downscaling uses an area (box) filter so that fine patterns average instead of aliasing; upscaling is

@@ -1,0 +1,91 @@
+"""Typed, frozen settings of a run. YAML configs and the command line bind to these (jsonargparse)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+INFERENCE_MODES = ("sample", "mean", "topk", "exhaustive")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the slides are and how they are read."""
+
+    manifest: str | None = None
+    """CSV with columns path, label and optionally slide_id, split (train/val/test), mpp, group."""
+    classes: list[str] | None = None
+    """Class order; default: the sorted labels of the manifest."""
+    slide_mpp: float | None = None
+    """µm/px for slides whose files carry none (a manifest mpp column wins per slide)."""
+    backend: Literal["auto", "openslide", "image"] = "auto"
+    batch_size: int = 8
+    num_workers: int = 0
+    """DataLoader workers for thumbnails (patches are read by threads in the training process)."""
+    read_threads: int = 8
+    cache_thumbnails: bool = True
+    """Keep each slide's thumbnail in memory after the first epoch."""
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    """Used only for slides without a split value: stratified, group-aware random split."""
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The joint spatial and magnification attention-sampling model."""
+
+    magnifications: list[str] = field(default_factory=lambda: ["2.0", "1.0", "0.5"])
+    """µm/px ("0.5"), objective power ("20x", = 10/20 µm/px) or downsample ("ds4") per magnification."""
+    magnification_labels: list[str] | None = None
+    """Names used in outputs (e.g. 50X/100X/200X); default: as written above."""
+    patch_size: int = 32
+    thumbnail_size: tuple[int, int] = (96, 96)
+    """(width, height) of the thumbnail given to h."""
+    thumbnail_backbone: str = "tiny"
+    patch_backbone: str = "tiny"
+    thumbnail_pretrained: bool | str = False
+    """false, true (timm hub weights) or the path of a local checkpoint."""
+    patch_pretrained: bool | str = False
+    k: int = 5
+    replace: bool = False
+    """Sample with replacement (i.i.d.) or without (Gumbel-top-k)."""
+    normalisation: Literal["sigmoid", "softmax"] = "sigmoid"
+    balance_magnifications: bool = True
+    """Start every magnification with the same total attention, whatever its number of cells."""
+    attention_dropout: float = 0.0
+    classifier_dropout: float = 0.5
+    entropy_alpha: float = 0.01
+    estimator: Literal["sampled", "exhaustive"] = "sampled"
+    """sampled: k cells per image; exhaustive: f on every cell and the exact sum (the all-patches baseline)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation (paper defaults: Adam 1e-4, LR ×0.1 after 25 epochs without improvement, 100 epochs)."""
+
+    epochs: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_patience: int = 25
+    lr_factor: float = 0.1
+    seed: int = 0
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    inference: Literal["sample", "mean", "topk", "exhaustive"] = "mean"
+    """How validation, evaluation and prediction pool patches: one sample of k, the mean over
+    inference_samples samples, the top-k cells, or every cell."""
+    inference_samples: int = 8
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

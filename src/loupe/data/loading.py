@@ -1,0 +1,131 @@
+"""Feeding the model: thumbnails through a DataLoader, sampled cells read concurrently by threads."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from loupe.data.catalog import SlideCatalog
+
+
+class ThumbnailDataset(Dataset):
+    """Item i of a subset of a catalog: the slide's thumbnail (uint8, 3×h×w), label index and catalog index."""
+
+    def __init__(
+        self,
+        catalog: SlideCatalog,
+        indices: Sequence[int],
+        thumbnail_size: tuple[int, int],
+        labels: Sequence[int] | None = None,
+        cache: bool = True,
+    ) -> None:
+        self.catalog = catalog
+        self.indices = list(indices)
+        self.thumbnail_size = tuple(thumbnail_size)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.indices)
+        self.cache = cache
+        self._thumbs: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def shapes(self, item: int) -> tuple[tuple[int, int], ...]:
+        return self.catalog.grid(self.indices[item]).shapes
+
+    def thumbnail(self, item: int) -> Tensor:
+        i = self.indices[item]
+        t = self._thumbs.get(i)
+        if t is None:
+            arr = self.catalog.reader(i).thumbnail(self.thumbnail_size)
+            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+            if self.cache:
+                self._thumbs[i] = t
+        return t
+
+    def __getitem__(self, item: int) -> dict:
+        i = self.indices[item]
+        return {
+            "thumbnail": self.thumbnail(item),
+            "label": self.labels[item],
+            "index": i,
+            "shapes": torch.tensor(self.catalog.grid(i).shapes),
+        }
+
+
+class ShapeBatchSampler(Sampler[list[int]]):
+    """Batches of items whose grids have the same shapes (so attention maps stack), shuffled per epoch."""
+
+    def __init__(self, shapes: Sequence[tuple], batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.groups: dict[tuple, list[int]] = defaultdict(list)
+        for item, s in enumerate(shapes):
+            self.groups[tuple(s)].append(item)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        self.epoch += 1
+        batches = []
+        for items in self.groups.values():
+            order = rng.permutation(items).tolist() if self.shuffle else list(items)
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return sum(-(-len(v) // self.batch_size) for v in self.groups.values())
+
+
+def make_loader(
+    dataset: ThumbnailDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0
+) -> DataLoader:
+    """A DataLoader over a thumbnail dataset with shape-homogeneous batches."""
+    shapes = [dataset.shapes(i) for i in range(len(dataset))]
+    sampler = ShapeBatchSampler(shapes, batch_size, shuffle, seed)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+class CellReader:
+    """Reads the patches of sampled cells of catalog slides, concurrently (OpenSlide releases the GIL)."""
+
+    def __init__(self, catalog: SlideCatalog, threads: int = 8) -> None:
+        self.catalog = catalog
+        self.patch_size = catalog.patch_size
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="loupe-read")
+
+    def __call__(self, slide_indices: Sequence[int], cells: Tensor) -> Tensor:
+        """Patches (B, n, 3, p, p) float in [0, 1] of cells (B, n) of the given catalog slides."""
+        p = self.patch_size
+        cells_np = cells.detach().cpu().numpy()
+        out = np.empty((*cells_np.shape, p, p, 3), dtype=np.uint8)
+        jobs = []
+        for b, i in enumerate(slide_indices):
+            rects = self.catalog.grid(int(i)).cell_rects(cells_np[b])
+            reader = self.catalog.reader(int(i))
+            for j, rect in enumerate(rects):
+                jobs.append(self._pool.submit(_read_into, out, b, j, reader, rect, p))
+        for job in jobs:
+            job.result()
+        patches = torch.from_numpy(out).to(cells.device)
+        return patches.permute(0, 1, 4, 2, 3).float().div_(255.0)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def _read_into(out: np.ndarray, b: int, j: int, reader, rect: np.ndarray, p: int) -> None:
+    out[b, j] = reader.read_region(float(rect[0]), float(rect[1]), (float(rect[2]), float(rect[3])), (p, p))

@@ -1,0 +1,81 @@
+"""Sampling cells from the attention distribution and the unbiased Monte-Carlo estimators of Σ P f.
+
+The model needs ``E_P[f] = Σ_i P_i f(x_i)`` but reads only k cells. Both estimators below return a value whose
+expectation over the draws is exactly that sum, and whose Jacobian with respect to the attention (along the
+simplex, i.e. through the logits) and to the features has expectation equal to the exact one, so that the
+attention network learns from the patches it sampled (Katharopoulos & Fleuret, ICML 2019).
+
+* With replacement: the mean of ``f_s · P_s / stopgrad(P_s)``.
+* Without replacement (draws in Gumbel-top-k order): per draw t, ``e_t = Σ_{u<t} P_u f_u + pm_t f_t`` with
+  ``pm_t = 1 − Σ_{u<t} P_u``; the value is the mean of the ``e_t``. Differentiating ``e_t`` alone is biased
+  because the draw distribution depends on P; we add the score-function term of the draws up to t
+  (``e_t · ∇ log q(s_≤t)``, causal, so later draws add no variance), which makes the gradient exact in
+  expectation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sample_cells(probs: Tensor, k: int, replace: bool, generator: torch.Generator | None = None) -> Tensor:
+    """Draw k cell indices per row of ``probs`` (B, N); without replacement they come in draw order.
+
+    Without replacement uses Gumbel-top-k on log P, whose sorted order is distributed exactly as successive
+    sampling. Rows with fewer than k cells of nonzero probability repeat the last valid draw; those extra draws
+    carry no weight in :func:`expectation_without_replacement`.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    probs = probs.detach()
+    if replace:
+        return torch.multinomial(probs, k, replacement=True, generator=generator)
+    n = probs.shape[-1]
+    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(probs.dtype).tiny)))
+    keys = torch.where(probs > 0, torch.log(probs) + gumbel, torch.full_like(probs, -torch.inf))
+    idx = torch.topk(keys, min(k, n), dim=-1).indices
+    if idx.shape[-1] < k:
+        idx = torch.cat([idx, idx[:, -1:].expand(-1, k - idx.shape[-1])], dim=-1)
+    # Draws that fell on zero-probability cells (row exhausted): point them at the last valid draw.
+    n_valid = (probs > 0).sum(-1, keepdim=True).clamp_min(1)
+    pos = torch.arange(k, device=probs.device).expand_as(idx)
+    last_valid = idx.gather(-1, (n_valid - 1).clamp_max(k - 1))
+    return torch.where(pos < n_valid, idx, last_valid)
+
+
+def expectation_with_replacement(p: Tensor, f: Tensor) -> Tensor:
+    """Unbiased estimate of Σ P f from i.i.d. draws: p (B, k) sampled probabilities, f (B, k, D) features."""
+    w = p / p.detach()
+    return (w.unsqueeze(-1) * f).mean(dim=1)
+
+
+def expectation_without_replacement(p: Tensor, f: Tensor, p_valid: Tensor | None = None) -> Tensor:
+    """Unbiased estimate of Σ P f from draws without replacement, in draw order.
+
+    ``p`` (B, k) are the probabilities of the drawn cells in draw order, ``f`` (B, k, D) their features. Draws
+    after a row's probability mass is exhausted (fewer nonzero cells than k) must be flagged False in
+    ``p_valid``; they then contribute the exact sum of the earlier draws.
+    """
+    if p_valid is None:
+        p_valid = torch.ones_like(p, dtype=torch.bool)
+    p = torch.where(p_valid, p, torch.zeros_like(p))
+    before = torch.cumsum(p, dim=1) - p  # Σ_{u<t} P_u, exclusive
+    pm = (1.0 - before).clamp_min(0.0)
+    weighted_before = torch.cumsum(p.unsqueeze(-1) * f, dim=1) - p.unsqueeze(-1) * f
+    mask = p_valid.unsqueeze(-1)
+    e = weighted_before + torch.where(mask, pm.unsqueeze(-1) * f, torch.zeros_like(f))  # (B, k, D)
+    # Score function of the draws up to t: log q_u = log P_u − log pm_u, cumulated (causal).
+    safe_p = torch.where(p_valid, p, torch.ones_like(p))
+    safe_pm = torch.where(p_valid, pm, torch.ones_like(pm)).clamp_min(torch.finfo(p.dtype).tiny)
+    log_q = torch.where(p_valid, torch.log(safe_p) - torch.log(safe_pm), torch.zeros_like(p))
+    score = torch.cumsum(log_q, dim=1)
+    score = score - score.detach()  # value 0, gradient ∇ log q(s_≤t)
+    surrogate = e + e.detach() * score.unsqueeze(-1)
+    return surrogate.mean(dim=1)
+
+
+def exact_expectation(probs: Tensor, f: Tensor) -> Tensor:
+    """The exact Σ_i P_i f_i over all cells: probs (B, N), f (B, N, D)."""
+    return torch.einsum("bn,bnd->bd", probs, f)

@@ -1,0 +1,78 @@
+"""The Lightning module that trains the joint attention-sampling model end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from loupe.config import ModelConfig, TrainConfig
+from loupe.models.joint import JointAttentionSampler, JointOutput
+
+#: Reads cells (B, n) of the batch's slides (catalog indices) → patches (B, n, 3, p, p) in [0, 1].
+BatchCellReader = Callable[[Sequence[int], Tensor], Tensor]
+
+
+class AttentionSamplingModule(L.LightningModule):
+    """Cross-entropy + α·Σ P log P; Adam; LR ×factor after ``lr_patience`` epochs without val accuracy gain."""
+
+    def __init__(self, model: JointAttentionSampler, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.model_cfg = model_cfg
+        self.train_cfg = train_cfg
+        self.cell_reader: BatchCellReader | None = None
+
+    def run(self, batch: dict, mode: str, n_samples: int = 1) -> JointOutput:
+        """Forward one batch: thumbnails in, the chosen pooling mode, patches read through ``cell_reader``."""
+        if self.cell_reader is None:
+            raise RuntimeError("AttentionSamplingModule.cell_reader must be set before running")
+        thumbs = batch["thumbnail"].float().div(255.0)
+        shapes = [tuple(int(v) for v in s) for s in batch["shapes"][0].tolist()]
+        indices = [int(i) for i in batch["index"]]
+        reader = self.cell_reader
+
+        def read(cells: Tensor) -> Tensor:
+            return reader(indices, cells).to(thumbs.device)
+
+        return self.model(thumbs, shapes, read, mode=mode, n_samples=n_samples)
+
+    def _loss(self, out: JointOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
+        ce = F.cross_entropy(out.logits, labels)
+        return ce + self.model_cfg.entropy_alpha * out.regulariser.mean(), ce
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        mode = "exhaustive" if self.model_cfg.estimator == "exhaustive" else "sample"
+        out = self.run(batch, mode)
+        labels = batch["label"]
+        loss, ce = self._loss(out, labels)
+        acc = (out.logits.argmax(-1) == labels).float().mean()
+        bs = labels.shape[0]
+        self.log_dict(
+            {"train_loss": loss, "train_ce": ce, "train_acc": acc},
+            on_epoch=True,
+            on_step=False,
+            batch_size=bs,
+        )
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.run(batch, self.train_cfg.inference, self.train_cfg.inference_samples)
+        labels = batch["label"]
+        loss, _ = self._loss(out, labels)
+        acc = (out.logits.argmax(-1) == labels).float().mean()
+        self.log_dict({"val_loss": loss, "val_acc": acc}, on_epoch=True, prog_bar=True, batch_size=labels.shape[0])
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
+        )
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "monitor": "val_acc", "interval": "epoch"},
+        }
