@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 INFERENCE_MODES = ("sample", "mean", "topk", "exhaustive")
@@ -89,3 +90,42 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def config_parser(prog: str = "loupe train"):
+    """The jsonargparse parser of a run's settings: ``--config FILE`` (repeatable) and every field as an option."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later ones override")
+    parser.add_class_arguments(DataConfig, "data")
+    parser.add_class_arguments(ModelConfig, "model")
+    parser.add_class_arguments(TrainConfig, "train")
+    return parser
+
+
+def config_from_namespace(parser, namespace) -> Config:
+    """Turn a parsed namespace into a :class:`Config`."""
+    init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else parser.instantiate_classes(namespace)
+    return Config(data=init.data, model=init.model, train=init.train)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config (a shipped preset or a run's resolved config.yaml); unknown keys are errors."""
+    parser = config_parser()
+    return config_from_namespace(parser, parser.parse_args(["--config", str(path)]))
+
+
+def dump_config(cfg: Config) -> str:
+    """The YAML form of a config, loadable by :func:`load_config`."""
+    import yaml
+
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -43,7 +43,7 @@ class ThumbnailDataset(Dataset):
         t = self._thumbs.get(i)
         if t is None:
             arr = self.catalog.reader(i).thumbnail(self.thumbnail_size)
-            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+            t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
             if self.cache:
                 self._thumbs[i] = t
         return t

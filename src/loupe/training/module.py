@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loupe.config import ModelConfig, TrainConfig
-from loupe.models.joint import JointAttentionSampler, JointOutput
+from loupe.models.joint import JointAttentionSampler, JointOutput, magnification_totals
 
 #: Reads cells (B, n) of the batch's slides (catalog indices) → patches (B, n, 3, p, p) in [0, 1].
 BatchCellReader = Callable[[Sequence[int], Tensor], Tensor]
@@ -25,6 +25,7 @@ class AttentionSamplingModule(L.LightningModule):
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
         self.cell_reader: BatchCellReader | None = None
+        self.magnification_labels = list(model_cfg.magnification_labels or model_cfg.magnifications)
 
     def run(self, batch: dict, mode: str, n_samples: int = 1) -> JointOutput:
         """Forward one batch: thumbnails in, the chosen pooling mode, patches read through ``cell_reader``."""
@@ -62,9 +63,13 @@ class AttentionSamplingModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.run(batch, self.train_cfg.inference, self.train_cfg.inference_samples)
         labels = batch["label"]
-        loss, _ = self._loss(out, labels)
+        loss, ce = self._loss(out, labels)
         acc = (out.logits.argmax(-1) == labels).float().mean()
-        self.log_dict({"val_loss": loss, "val_acc": acc}, on_epoch=True, prog_bar=True, batch_size=labels.shape[0])
+        bs = labels.shape[0]
+        self.log_dict({"val_loss": loss, "val_ce": ce, "val_acc": acc}, on_epoch=True, prog_bar=True, batch_size=bs)
+        totals = magnification_totals(out.attention, [tuple(s) for s in batch["shapes"][0].tolist()]).mean(0)
+        for j, share in enumerate(totals):
+            self.log(f"val_attention_{self.magnification_labels[j]}", share, on_epoch=True, batch_size=bs)
 
     def configure_optimizers(self):
         cfg = self.train_cfg

@@ -1,0 +1,135 @@
+"""Pieces shared by train, evaluate and predict: run folders, catalogs, loading a trained model, inference."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loupe.config import Config, load_config
+from loupe.data.catalog import SlideCatalog
+from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
+from loupe.data.manifest import SlideRecord
+from loupe.errors import LoupeError
+from loupe.models import build_model
+from loupe.slides import Magnification, parse_magnifications
+from loupe.training.module import AttentionSamplingModule
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The layout of a run folder."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+
+def magnifications_of(cfg: Config) -> tuple[Magnification, ...]:
+    return parse_magnifications(cfg.model.magnifications, cfg.model.magnification_labels)
+
+
+def make_catalog(records: list[SlideRecord] | tuple[SlideRecord, ...], cfg: Config) -> SlideCatalog:
+    """A catalog of slides read with the run's magnifications, patch size, backend and µm/px override."""
+    return SlideCatalog(records, magnifications_of(cfg), cfg.model.patch_size, cfg.data.backend, cfg.data.slide_mpp)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, AttentionSamplingModule, Path]:
+    """The config and trained module of a run folder (weights loaded with ``weights_only=True``)."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.config.is_file():
+        raise LoupeError(f"{paths.root} is not a loupe run folder (no config.yaml): pass the --out of `loupe train`")
+    cfg = load_config(paths.config)
+    ckpt = paths.best if checkpoint == "best" and paths.best.is_file() else paths.last
+    if not ckpt.is_file():
+        raise LoupeError(f"no checkpoint in {paths.checkpoints}: train first (`loupe train ... --out {paths.root}`)")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    classes = cfg.data.classes or []
+    module = AttentionSamplingModule(build_model(cfg.model, len(classes)), cfg.model, cfg.train)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    return cfg, module, ckpt
+
+
+@dataclass
+class Inference:
+    """Per slide (in the order asked): class probabilities, attention over all cells, cells read."""
+
+    probs: np.ndarray  # (N, C)
+    attention: list[np.ndarray]  # flat attention per slide
+    shapes: list[tuple[tuple[int, int], ...]]
+    cells: list[np.ndarray]
+
+    def magnification_totals(self) -> np.ndarray:
+        """(N, m): each slide's total attention per magnification."""
+        rows = []
+        for att, shapes in zip(self.attention, self.shapes, strict=True):
+            sizes = np.cumsum([0] + [r * c for r, c in shapes])
+            rows.append([att[a:b].sum() for a, b in itertools.pairwise(sizes)])
+        return np.asarray(rows, dtype=np.float64)
+
+    def maps(self, i: int) -> list[np.ndarray]:
+        """Slide i's attention as one (rows, cols) map per magnification."""
+        out, start = [], 0
+        for r, c in self.shapes[i]:
+            out.append(self.attention[i][start : start + r * c].reshape(r, c))
+            start += r * c
+        return out
+
+
+@torch.no_grad()
+def infer(
+    module: AttentionSamplingModule,
+    catalog: SlideCatalog,
+    indices: list[int],
+    cfg: Config,
+    mode: str,
+    n_samples: int,
+    batch_size: int | None = None,
+) -> Inference:
+    """Run the model on catalog slides ``indices`` with the given pooling mode; no gradients, eval mode."""
+    torch.manual_seed(cfg.train.seed)
+    dataset = ThumbnailDataset(catalog, indices, cfg.model.thumbnail_size, cache=False)
+    loader = make_loader(dataset, batch_size or cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    reader = CellReader(catalog, cfg.data.read_threads)
+    module.cell_reader = reader
+    module.eval()
+    position = {i: n for n, i in enumerate(indices)}
+    probs: list = [None] * len(indices)
+    attention: list = [None] * len(indices)
+    shapes: list = [None] * len(indices)
+    cells: list = [None] * len(indices)
+    try:
+        for batch in loader:
+            out = module.run(batch, mode, n_samples)
+            p = torch.softmax(out.logits.float(), -1).cpu().numpy()
+            for b, i in enumerate(batch["index"].tolist()):
+                n = position[i]
+                probs[n] = p[b]
+                attention[n] = out.attention[b].float().cpu().numpy()
+                shapes[n] = catalog.grid(i).shapes
+                cells[n] = out.cells[b].cpu().numpy()
+    finally:
+        reader.close()
+    return Inference(np.stack(probs) if probs else np.zeros((0, 0)), attention, shapes, cells)

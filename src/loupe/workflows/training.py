@@ -1,0 +1,108 @@
+"""`loupe train`: check every input, then train with Lightning into a resumable run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from loupe.config import Config, dump_config
+from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
+from loupe.data.manifest import Manifest, load_manifest, save_manifest
+from loupe.data.splits import assign_splits
+from loupe.errors import ConfigError
+from loupe.models import build_model
+from loupe.reports.io import write_text
+from loupe.training.module import AttentionSamplingModule
+from loupe.workflows.common import RunPaths, make_catalog
+
+log = logging.getLogger("loupe")
+
+
+def prepare_manifest(cfg: Config) -> Manifest:
+    """Load and validate the manifest (all missing files and unknown labels at once) and fill missing splits."""
+    if not cfg.data.manifest:
+        raise ConfigError("no manifest given: set data.manifest in the config or pass --data.manifest FILE.csv")
+    manifest = load_manifest(cfg.data.manifest, cfg.data.classes)
+    if any(r.split is None for r in manifest.records):
+        manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    if len(manifest.classes) < 2:
+        raise ConfigError(f"{cfg.data.manifest}: need at least two classes, found {list(manifest.classes)}")
+    return manifest
+
+
+def train(cfg: Config, out: str | Path) -> Path:
+    """Train into run folder ``out``; resumes from ``out/checkpoints/last.ckpt`` when it exists.
+
+    The folder receives the resolved config (with the class order and the split manifest pinned, so evaluate
+    and predict see exactly what training saw), checkpoints (best by validation CE, and last) and a CSV log.
+    """
+    paths = RunPaths(Path(out))
+    manifest = prepare_manifest(cfg)
+    records = list(manifest.records)
+    catalog = make_catalog(records, cfg)
+    catalog.require_all()  # every slide opens, has µm/px, is large enough: before any training
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_manifest(manifest, paths.manifest)
+    data = dataclasses.replace(cfg.data, manifest=str(paths.manifest.resolve()), classes=list(manifest.classes))
+    cfg = dataclasses.replace(cfg, data=data)
+    write_text(paths.config, dump_config(cfg))
+
+    labels = manifest.label_indices().tolist()
+    split_of = [r.split for r in records]
+    train_idx = [i for i, s in enumerate(split_of) if s == "train"]
+    val_idx = [i for i, s in enumerate(split_of) if s == "val"]
+    if not train_idx or not val_idx:
+        raise ConfigError(f"{cfg.data.manifest}: need slides in both the train and val splits")
+
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    train_ds = ThumbnailDataset(
+        catalog, train_idx, cfg.model.thumbnail_size, [labels[i] for i in train_idx], cfg.data.cache_thumbnails
+    )
+    val_ds = ThumbnailDataset(
+        catalog, val_idx, cfg.model.thumbnail_size, [labels[i] for i in val_idx], cfg.data.cache_thumbnails
+    )
+    train_loader = make_loader(train_ds, cfg.data.batch_size, True, cfg.data.num_workers, cfg.train.seed)
+    val_loader = make_loader(val_ds, cfg.data.batch_size, False, cfg.data.num_workers)
+
+    module = AttentionSamplingModule(build_model(cfg.model, len(manifest.classes)), cfg.model, cfg.train)
+    reader = CellReader(catalog, cfg.data.read_threads)
+    module.cell_reader = reader
+    checkpoint = ModelCheckpoint(
+        dirpath=paths.checkpoints,
+        filename="best",
+        monitor="val_ce",
+        mode="min",
+        save_last=True,
+        enable_version_counter=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator=cfg.train.accelerator,
+        devices=1,
+        precision=cfg.train.precision,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch")],
+        logger=CSVLogger(paths.root, name="logs"),  # logs/version_N: a resumed run keeps earlier logs
+        enable_progress_bar=cfg.train.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
+    )
+    resume = paths.last if paths.last.is_file() else None
+    if resume is not None:
+        log.warning("resuming from %s", resume)
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
+    finally:
+        reader.close()
+        catalog.close()
+    log.info("trained in %.1f s", time.perf_counter() - start)
+    return paths.root

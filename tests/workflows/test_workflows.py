@@ -1,0 +1,74 @@
+"""train / evaluate / predict on a tiny synthetic dataset: outputs, resume, weights-only checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import small_config
+from loupe.workflows.evaluation import evaluate
+from loupe.workflows.prediction import predict
+from loupe.workflows.training import train
+
+
+def test_run_folder_holds_config_manifest_checkpoints_and_log(trained_run: Path):
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "manifest.csv").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert (trained_run / "checkpoints" / "best.ckpt").is_file()
+    assert (trained_run / "logs" / "version_0" / "metrics.csv").is_file()
+    state = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert any(k.startswith("model.attention.") for k in state["state_dict"])
+
+
+def test_evaluate_writes_metrics_predictions_and_plots(trained_run: Path, tmp_path: Path):
+    m = evaluate(trained_run, "test", tmp_path, inference="topk")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "auc_roc_micro", "auc_roc_macro", "ap_micro", "ap_macro"):
+        assert key in saved
+    assert saved["inference"] == {"mode": "topk", "samples": 1, "k": 5}
+    assert set(saved["attention_share"]) == {"5x", "10x", "20x"}
+    assert abs(sum(saved["attention_share"].values()) - 1) < 1e-5
+    assert saved["n"] == 4 and m["confusion_matrix"] == saved["confusion_matrix"]
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == 4 and {"prob_horizontal", "prob_vertical", "attention_20x"} <= set(rows[0])
+    for png in ("roc.png", "pr.png", "confusion.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_predict_survives_a_corrupt_slide(trained_run: Path, small_manifest: Path, tmp_path: Path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    images = sorted((small_manifest.parent / "images").glob("test_*.tif"))[:2]
+    for img in images:
+        (folder / img.name).write_bytes(img.read_bytes())
+    (folder / "broken.svs").write_bytes(b"not a slide at all" * 100)
+    status = predict(trained_run, [folder], tmp_path / "out")
+    assert status["broken"]["status"] == "failed" and "broken.svs" in status["broken"]["reason"]
+    done = [k for k, v in status.items() if v["status"] == "done"]
+    assert len(done) == 2
+    for slide_id in done:
+        maps = dict(np.load(tmp_path / "out" / "slides" / slide_id / "attention.npz"))
+        assert maps["5x"].shape == (2, 2) and maps["10x"].shape == (4, 4) and maps["20x"].shape == (8, 8)
+        total = sum(float(maps[k].sum()) for k in ("5x", "10x", "20x"))
+        assert abs(total - 1) < 1e-5
+        assert (tmp_path / "out" / "slides" / slide_id / "overlay.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert saved["slides"]["broken"]["status"] == "failed"
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert sorted(r["slide_id"] for r in rows) == sorted(done)
+
+
+def test_training_resumes_from_the_last_checkpoint(small_manifest: Path, tmp_path: Path):
+    run = train(small_config(small_manifest, epochs=1), tmp_path / "run")
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["epoch"] == 0
+    train(small_config(small_manifest, epochs=2), run)
+    second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] == 2 * first["global_step"]
+    assert (run / "logs" / "version_0" / "metrics.csv").is_file()  # the first session's log is kept
+    assert (run / "logs" / "version_1" / "metrics.csv").is_file()
