@@ -19,9 +19,11 @@ class AttentionNetwork(nn.Module):
     normalised into one distribution: a sigmoid then division by the sum (the paper), or a softmax. Cells flagged
     invalid (padding, background) get probability exactly 0.
 
-    ``balance_magnifications`` adds ``−log(n_cells_j)`` to magnification j's logits, so that with equal logits
-    each magnification holds the same total attention instead of the one with the most cells dominating by
-    count alone; the network can still move all the mass anywhere.
+    ``balance_magnifications`` weights magnification j's unnormalised scores (sigmoid or exp of the logits) by
+    ``1/n_cells_j``, so that with equal logits each magnification holds the same total attention instead of the
+    one with the most cells dominating by count alone; the network can still move all the mass anywhere. (For
+    softmax this is adding ``−log(n_cells_j)`` to the logits; for the sigmoid it must be applied after the sigmoid,
+    or a shared shift of all logits would undo the balance.)
     """
 
     def __init__(
@@ -44,27 +46,40 @@ class AttentionNetwork(nn.Module):
     def forward(
         self, features: Tensor, shapes: Sequence[tuple[int, int]], valid: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Return (logits, probs), each (B, N) over all cells; ``shapes`` holds (rows, cols) per magnification."""
+        """Return (logits, probs), each (B, N) over all cells; ``shapes`` holds (rows, cols) per magnification.
+
+        ``logits`` are the heads' raw outputs; the magnification balance is applied inside the normalisation.
+        """
         if len(shapes) != len(self.heads):
             raise ValueError(f"expected {len(self.heads)} grid shapes, got {len(shapes)}")
         logits = []
+        log_weights = []
         for head, (rows, cols) in zip(self.heads, shapes, strict=True):
             pooled = F.adaptive_avg_pool2d(features, (rows, cols))
             cell_logits = head(pooled).flatten(1)
-            if self.balance_magnifications:
-                cell_logits = cell_logits - math.log(rows * cols)
             logits.append(cell_logits)
+            log_weights.append(torch.full((rows * cols,), -math.log(rows * cols), dtype=cell_logits.dtype))
         all_logits = torch.cat(logits, dim=1)
-        return all_logits, normalise(all_logits, self.normalisation, valid)
+        weights = torch.cat(log_weights).to(all_logits.device) if self.balance_magnifications else None
+        return all_logits, normalise(all_logits, self.normalisation, valid, weights)
 
 
-def normalise(logits: Tensor, normalisation: str, valid: Tensor | None = None) -> Tensor:
-    """Turn cell logits (B, N) into one distribution per row, with exact zeros on invalid cells."""
+def normalise(
+    logits: Tensor, normalisation: str, valid: Tensor | None = None, log_weights: Tensor | None = None
+) -> Tensor:
+    """Turn cell logits (B, N) into one distribution per row, with exact zeros on invalid cells.
+
+    ``log_weights`` (N,) optionally multiplies each cell's unnormalised score by ``exp(log_weights)``.
+    """
     if normalisation == "softmax":
+        if log_weights is not None:
+            logits = logits + log_weights
         if valid is not None:
             logits = logits.masked_fill(~valid, -torch.inf)
         return torch.softmax(logits, dim=-1)
     scores = torch.sigmoid(logits)
+    if log_weights is not None:
+        scores = scores * log_weights.exp()
     if valid is not None:
         scores = scores * valid.to(scores.dtype)
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)

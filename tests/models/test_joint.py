@@ -1,0 +1,226 @@
+"""The joint model: modes, cells read through the callback, validity, gradients, exhaustive sum, summaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from loupe.config import ModelConfig
+from loupe.models import (
+    AttentionNetwork,
+    Backbone,
+    JointAttentionSampler,
+    attention_maps,
+    build_model,
+    create_backbone,
+    magnification_totals,
+)
+
+SHAPES = ((1, 1), (2, 2), (3, 4))  # 1 + 4 + 12 = 17 cells
+N_CELLS = 17
+PATCH = 8
+
+
+class RecordingReader:
+    """A patch reader that remembers which cells were asked for and paints each patch by its cell index."""
+
+    def __init__(self) -> None:
+        self.calls: list[Tensor] = []
+
+    def __call__(self, cells: Tensor) -> Tensor:
+        self.calls.append(cells.clone())
+        b, n = cells.shape
+        gen = torch.Generator().manual_seed(0)
+        # The same patch for a cell on every call, with a brightness and colour of its own.
+        level = torch.rand(N_CELLS, 3, 1, 1, generator=gen)
+        table = (0.7 * level + 0.3 * torch.rand(N_CELLS, 3, PATCH, PATCH, generator=gen)).clamp(0, 1)
+        return table[cells.reshape(-1)].reshape(b, n, 3, PATCH, PATCH)
+
+
+class Probe(nn.Module):
+    """A one-layer stride-4 backbone whose features vary strongly with the input (unlike a fresh deep CNN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        nn.init.normal_(self.conv.weight, std=0.5)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.conv(x))
+
+
+def _model(
+    k: int = 3,
+    replace: bool = False,
+    attention_dropout: float = 0.0,
+    normalisation: str = "sigmoid",
+    backbone: str = "probe",
+):
+    torch.manual_seed(0)
+    if backbone == "probe":
+        h = Backbone(Probe(), 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        f = Backbone(Probe(), 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    else:
+        h = create_backbone(backbone)
+        f = create_backbone(backbone)
+    a = AttentionNetwork(h.num_features, len(SHAPES), normalisation)
+    return JointAttentionSampler(h, f, a, n_classes=4, k=k, replace=replace, attention_dropout=attention_dropout)
+
+
+def _thumbs(b: int = 2) -> Tensor:
+    return torch.rand(b, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    "mode, n_samples, expected_reads",
+    [("sample", 1, 3), ("mean", 4, 12), ("topk", 1, 3), ("exhaustive", 1, N_CELLS)],
+)
+@pytest.mark.parametrize("replace", [False, True])
+def test_each_mode_returns_logits_and_reads_the_expected_cells(mode, n_samples, expected_reads, replace):
+    model = _model(k=3, replace=replace).eval()
+    reader = RecordingReader()
+    out = model(_thumbs(), SHAPES, reader, mode=mode, n_samples=n_samples)
+    assert out.logits.shape == (2, 4)
+    assert torch.all(torch.isfinite(out.logits))
+    assert out.attention.shape == (2, N_CELLS)
+    assert out.regulariser.shape == (2,)
+    assert len(reader.calls) == 1
+    assert reader.calls[0].shape == (2, expected_reads)
+    assert torch.equal(out.cells, reader.calls[0])
+    if mode == "exhaustive":
+        assert torch.equal(out.cells[0], torch.arange(N_CELLS))
+    if mode in ("sample", "topk") and not replace:
+        for row in out.cells:
+            assert len(set(row.tolist())) == 3  # without replacement: distinct cells
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        _model().eval()(_thumbs(), SHAPES, RecordingReader(), mode="all")
+
+
+def test_topk_reads_the_k_most_attended_cells():
+    model = _model(k=4).eval()
+    with torch.no_grad():
+        for head in model.attention.heads:
+            head.weight.normal_(std=1.0)  # spread the attention so that the top cells are clear
+    reader = RecordingReader()
+    out = model(_thumbs(), SHAPES, reader, mode="topk")
+    expected = torch.topk(out.attention, 4, dim=-1).indices
+    for got, want in zip(reader.calls[0], expected, strict=True):
+        assert set(got.tolist()) == set(want.tolist())
+    # The pooled feature is the attention-weighted mean of the k patches' embeddings.
+    with torch.no_grad():
+        feats = model.embed(reader(expected))
+        p = out.attention.gather(1, expected)
+        pooled = (p.unsqueeze(-1) * feats).sum(1) / p.sum(1, keepdim=True)
+        torch.testing.assert_close(out.logits, model.classifier(pooled))
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_sampled_cells_are_never_invalid(replace, dropout):
+    model = _model(k=5, replace=replace, attention_dropout=dropout).train()
+    valid = torch.zeros(3, N_CELLS, dtype=torch.bool)
+    valid[0, [0, 3, 8, 9, 16]] = True
+    valid[1, [2, 5]] = True  # fewer valid cells than k
+    valid[2, 5:] = True
+    reader = RecordingReader()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        with torch.no_grad():
+            out = model(_thumbs(3), SHAPES, reader, valid=valid, mode="mean", n_samples=3, generator=gen)
+        assert torch.all(out.attention[~valid] == 0)
+        assert torch.all(torch.isfinite(out.logits))
+    for cells in reader.calls:
+        assert torch.all(valid.gather(1, cells))
+
+
+def test_a_training_step_sends_gradients_to_every_part():
+    model = _model(k=3, attention_dropout=0.2, backbone="tiny").train()
+    out = model(_thumbs(), SHAPES, RecordingReader(), mode="sample", generator=torch.Generator().manual_seed(0))
+    loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 3])) + 0.01 * out.regulariser.mean()
+    loss.backward()
+    parts = {
+        "attention": model.attention,
+        "thumbnail_net": model.thumbnail_net,
+        "patch_net": model.patch_net,
+        "classifier": model.classifier,
+    }
+    for name, module in parts.items():
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+
+
+@pytest.mark.parametrize("normalisation", ["sigmoid", "softmax"])
+def test_exhaustive_equals_classifier_of_the_exact_attention_weighted_sum(normalisation):
+    model = _model(normalisation=normalisation).eval()
+    with torch.no_grad():
+        for head in model.attention.heads:
+            head.weight.normal_(std=1.0)
+    reader = RecordingReader()
+    valid = torch.ones(2, N_CELLS, dtype=torch.bool)
+    valid[1, :5] = False
+    out = model(_thumbs(), SHAPES, reader, valid=valid, mode="exhaustive")
+    with torch.no_grad():
+        cells = torch.arange(N_CELLS).expand(2, -1)
+        patches = reader(cells)
+        f = torch.stack([model.patch_net(patches[b]) for b in range(2)])  # (2, N, D), one image at a time
+        _, probs = model.attention(model.thumbnail_net.feature_map(_thumbs()), SHAPES, valid)
+        pooled = torch.stack([(probs[b].unsqueeze(-1) * f[b]).sum(0) for b in range(2)])
+        logits = pooled @ model.classifier[1].weight.T + model.classifier[1].bias
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.attention, probs)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_mean_mode_averages_sample_draws_and_approaches_the_exhaustive_value(replace):
+    model = _model(k=4, replace=replace, normalisation="softmax").eval()
+    n = 200
+    with torch.no_grad():
+        exact = model(_thumbs(1), SHAPES, RecordingReader(), mode="exhaustive").logits
+        many = model(
+            _thumbs(1),
+            SHAPES,
+            RecordingReader(),
+            mode="mean",
+            n_samples=n,
+            generator=torch.Generator().manual_seed(0),
+        ).logits
+        gen = torch.Generator().manual_seed(0)  # the same random stream, one draw of k at a time
+        singles = torch.cat(
+            [model(_thumbs(1), SHAPES, RecordingReader(), mode="sample", generator=gen).logits for _ in range(n)]
+        )
+    # g is linear in eval mode, so the mean mode's logits are the mean of the single draws' logits...
+    torch.testing.assert_close(many, singles.mean(0, keepdim=True), rtol=1e-4, atol=1e-5)
+    # ... and the estimator is unbiased: within 4 standard errors of the exact value.
+    standard_error = singles.std(0) / n**0.5
+    assert float(singles.std(0).max()) > 0
+    assert torch.all((many[0] - exact[0]).abs() <= 4 * standard_error + 1e-6)
+
+
+def test_magnification_totals_and_attention_maps():
+    model = _model().eval()
+    with torch.no_grad():
+        out = model(_thumbs(), SHAPES, RecordingReader(), mode="topk")
+    totals = magnification_totals(out.attention, SHAPES)
+    assert totals.shape == (2, 3)
+    torch.testing.assert_close(totals.sum(-1), torch.ones(2))
+    maps = attention_maps(out.attention, SHAPES)
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 3, 4)]
+    for j, m in enumerate(maps):
+        torch.testing.assert_close(m.sum(dim=(1, 2)), totals[:, j])
+    # Row-major: cell (row 1, col 2) of the 3x4 grid is flat index 1 + 4 + 1 * 4 + 2.
+    assert float(maps[2][0, 1, 2]) == float(out.attention[0, 11])
+    assert float(maps[1][1, 1, 0]) == float(out.attention[1, 3])
+
+
+def test_build_model_follows_the_config():
+    cfg = ModelConfig(magnifications=["2.0", "0.5"], k=7, replace=True, normalisation="softmax", attention_dropout=0.1)
+    model = build_model(cfg, n_classes=3)
+    assert model.k == 7 and model.replace is True and model.attention_dropout == 0.1
+    assert len(model.attention.heads) == 2 and model.attention.normalisation == "softmax"
+    assert model.classifier[1].out_features == 3
+    assert model.thumbnail_net is not model.patch_net
