@@ -42,7 +42,7 @@ class SyntheticSpec:
     signal: str = "highest"
     splits: dict[str, int] = field(default_factory=lambda: {"train": 240, "val": 60, "test": 100})
     seed: int = 0
-    min_lesion_fraction: float = 0.25
+    min_lesion_fraction: float = 0.375
     """The lesion spans at least this fraction of the image side (whole cells of the planted magnification)."""
 
     def lesion_cells(self, j: int) -> int:

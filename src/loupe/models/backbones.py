@@ -13,11 +13,12 @@ from torch import Tensor, nn
 
 from loupe.errors import ConfigError
 
-TINY = "tiny"
+#: The tiny CNNs, by name: stages of (conv, strided conv); "tiny" is /16, "tiny_s8" /8 (finer attention maps).
+TINY = {"tiny": (16, 32, 64, 64), "tiny_s8": (16, 32, 64)}
 
 
 class TinyCNN(nn.Module):
-    """A small strided CNN (4 stages, /16) for CPU runs, tests and the demo."""
+    """A small strided CNN (each stage halves the resolution) for CPU runs, tests and the demo."""
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64)) -> None:
         super().__init__()
@@ -60,25 +61,23 @@ class Backbone(nn.Module):
 
 
 def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbone:
-    """Build a backbone: ``"tiny"`` or any timm model name (``"inception_v3"``, ``"resnet34"``, ...).
+    """Build a backbone: ``"tiny"``, ``"tiny_s8"`` or any timm model name (``"inception_v3"``, ``"resnet34"``...).
 
     ``pretrained`` is False (random init), True (weights from the timm hub name), or the path of a local
     checkpoint file (a state dict for that timm model), which is how weights reach machines without internet.
     """
-    if name == TINY:
+    if name in TINY:
+        net = TinyCNN(TINY[name])
+        if pretrained is True:
+            raise ConfigError(f'the "{name}" backbone has no published weights: set pretrained to false or a path')
         if pretrained:
-            if pretrained is True:
-                raise ConfigError('the "tiny" backbone has no published weights: set pretrained to false or a path')
-            net = TinyCNN()
             net.load_state_dict(_load_state_dict(Path(pretrained)))
-        else:
-            net = TinyCNN()
         return Backbone(net, net.num_features, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
     import timm
 
     if not timm.is_model(name):
-        raise ConfigError(f"unknown backbone {name!r}: use 'tiny' or a timm model name (timm.list_models())")
+        raise ConfigError(f"unknown backbone {name!r}: use {', '.join(TINY)} or a timm model name (timm.list_models())")
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
     if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
         path = Path(pretrained)
