@@ -59,17 +59,25 @@ def _train(args: list[str]) -> int:
     return 0
 
 
-def _evaluate(args: list[str]) -> int:
+def _run_parser(prog: str):
+    """A parser for commands that use a trained run: the run folder and the inference mode."""
     from jsonargparse import ArgumentParser
 
+    from loupe.config import INFERENCE_MODES
+
+    parser = ArgumentParser(prog=prog)
+    parser.add_argument("run", help="run folder written by `loupe train`")
+    parser.add_argument("--inference", default=None, choices=list(INFERENCE_MODES), help="default: the run's")
+    parser.add_argument("--samples", type=int, default=None, help="samples averaged by --inference mean")
+    return parser
+
+
+def _evaluate(args: list[str]) -> int:
     from loupe.workflows.evaluation import evaluate
 
-    parser = ArgumentParser(prog="loupe evaluate")
-    parser.add_argument("run", help="run folder written by `loupe train`")
+    parser = _run_parser("loupe evaluate")
     parser.add_argument("--split", default="test", help="manifest split to evaluate (train, val, test)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/eval-SPLIT)")
-    parser.add_argument("--inference", default=None, choices=["sample", "mean", "topk", "exhaustive"])
-    parser.add_argument("--samples", type=int, default=None, help="samples averaged by --inference mean")
     ns = parser.parse_args(args)
     m = evaluate(ns.run, ns.split, ns.out, ns.inference, ns.samples)
     share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["attention_share"].items())
@@ -78,16 +86,11 @@ def _evaluate(args: list[str]) -> int:
 
 
 def _predict(args: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
     from loupe.workflows.prediction import predict
 
-    parser = ArgumentParser(prog="loupe predict")
-    parser.add_argument("run", help="run folder written by `loupe train`")
+    parser = _run_parser("loupe predict")
     parser.add_argument("slides", nargs="+", help="slide files or folders of slides")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--inference", default=None, choices=["sample", "mean", "topk", "exhaustive"])
-    parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float, default=None)
     ns = parser.parse_args(args)
     status = predict(ns.run, ns.slides, ns.out, ns.inference, ns.samples, ns.slide_mpp)

@@ -98,6 +98,18 @@ class Inference:
         return out
 
 
+def prediction_row(fields: dict, probs: np.ndarray, totals: np.ndarray, classes: list[str], labels: list[str]) -> dict:
+    """One predictions.csv row: the given fields, predicted class, class probabilities, attention per magnification."""
+    row = dict(fields) | {"predicted": classes[int(probs.argmax())]}
+    row |= {f"prob_{c}": float(probs[j]) for j, c in enumerate(classes)}
+    return row | {f"attention_{lab}": float(totals[j]) for j, lab in enumerate(labels)}
+
+
+def prediction_columns(fields: list[str], classes: list[str], labels: list[str]) -> list[str]:
+    """The column order of predictions.csv, matching :func:`prediction_row`."""
+    return [*fields, "predicted", *(f"prob_{c}" for c in classes), *(f"attention_{m}" for m in labels)]
+
+
 @torch.no_grad()
 def infer(
     module: AttentionSamplingModule,

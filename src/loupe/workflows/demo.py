@@ -24,7 +24,9 @@ def demo_config() -> Config:
     return load_config(resources.files("loupe") / "configs" / "demo.yaml")
 
 
-def run_demo(out: str | Path, signal_magnification: str = "highest", epochs: int | None = None) -> dict:
+def run_demo(
+    out: str | Path, signal_magnification: str = "highest", epochs: int | None = None, progress_bar: bool = True
+) -> dict:
     """The whole main job on generated data; returns the test metrics (plus ``signal_magnification``)."""
     start = time.perf_counter()
     out = Path(out)
@@ -41,8 +43,10 @@ def run_demo(out: str | Path, signal_magnification: str = "highest", epochs: int
     generated = time.perf_counter()
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=str(manifest_path)))
+    train_cfg = dataclasses.replace(cfg.train, progress_bar=progress_bar)
     if epochs is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+        train_cfg = dataclasses.replace(train_cfg, epochs=epochs)
+    cfg = dataclasses.replace(cfg, train=train_cfg)
     run = train(cfg, out / "run")
     trained = time.perf_counter()
 

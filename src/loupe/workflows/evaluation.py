@@ -17,7 +17,15 @@ from loupe.reports import (
     write_csv,
     write_json,
 )
-from loupe.workflows.common import RunPaths, infer, load_run, magnifications_of, make_catalog
+from loupe.workflows.common import (
+    RunPaths,
+    infer,
+    load_run,
+    magnifications_of,
+    make_catalog,
+    prediction_columns,
+    prediction_row,
+)
 
 
 def evaluate(
@@ -57,15 +65,11 @@ def evaluate(
     }
     write_json(out_dir / "metrics.json", metrics)
 
-    preds = result.probs.argmax(1)
-    rows = []
-    for n, rec in enumerate(records):
-        row = {"slide_id": rec.slide_id, "label": rec.label, "predicted": classes[int(preds[n])]}
-        row |= {f"prob_{c}": float(result.probs[n, j]) for j, c in enumerate(classes)}
-        row |= {f"attention_{lab}": float(totals[n, j]) for j, lab in enumerate(labels)}
-        rows.append(row)
-    columns = ["slide_id", "label", "predicted"] + [f"prob_{c}" for c in classes] + [f"attention_{m}" for m in labels]
-    write_csv(out_dir / "predictions.csv", rows, columns)
+    rows = [
+        prediction_row({"slide_id": r.slide_id, "label": r.label}, result.probs[n], totals[n], classes, labels)
+        for n, r in enumerate(records)
+    ]
+    write_csv(out_dir / "predictions.csv", rows, prediction_columns(["slide_id", "label"], classes, labels))
     if len(np.unique(y_true)) > 1:
         plot_roc(y_true, result.probs, classes, out_dir / "roc.png")
         plot_pr(y_true, result.probs, classes, out_dir / "pr.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,15 @@ import numpy as np
 from loupe.data.catalog import SlideCatalog
 from loupe.data.manifest import manifest_from_paths
 from loupe.reports import attention_overlay, save_attention_npz, write_csv, write_json
-from loupe.workflows.common import Inference, infer, load_run, magnifications_of, make_catalog
+from loupe.workflows.common import (
+    Inference,
+    infer,
+    load_run,
+    magnifications_of,
+    make_catalog,
+    prediction_columns,
+    prediction_row,
+)
 
 log = logging.getLogger("loupe")
 
@@ -32,8 +41,6 @@ def predict(
     """
     cfg, module, _ = load_run(run_dir)
     if slide_mpp is not None:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, slide_mpp=slide_mpp))
     out_dir = Path(out)
     manifest = manifest_from_paths(slides)
@@ -56,17 +63,12 @@ def predict(
             log.error("%s: %s", rec.path, reason)
             status[rec.slide_id] = {"status": "failed", "path": str(rec.path), "reason": reason}
             continue
-        probs = result.probs[0]
-        totals = result.magnification_totals()[0]
-        row = {"slide_id": rec.slide_id, "path": str(rec.path), "predicted": classes[int(probs.argmax())]}
-        row |= {f"prob_{c}": float(probs[j]) for j, c in enumerate(classes)}
-        row |= {f"attention_{lab}": float(totals[j]) for j, lab in enumerate(labels)}
-        rows.append(row)
+        fields = {"slide_id": rec.slide_id, "path": str(rec.path)}
+        rows.append(prediction_row(fields, result.probs[0], result.magnification_totals()[0], classes, labels))
         status[rec.slide_id] = {"status": "done", "path": str(rec.path)}
     catalog.close()
 
-    columns = ["slide_id", "path", "predicted"] + [f"prob_{c}" for c in classes] + [f"attention_{m}" for m in labels]
-    write_csv(out_dir / "predictions.csv", rows, columns)
+    write_csv(out_dir / "predictions.csv", rows, prediction_columns(["slide_id", "path"], classes, labels))
     inference_info = {"mode": mode, "samples": n_samples if mode == "mean" else 1, "k": cfg.model.k}
     write_json(out_dir / "status.json", {"inference": inference_info, "slides": status})
     return status
