@@ -11,6 +11,7 @@ from torch import Tensor
 
 from loupe.config import ModelConfig, TrainConfig
 from loupe.models.joint import JointAttentionSampler, JointOutput, magnification_totals
+from loupe.slides import parse_magnifications
 
 #: Reads cells (B, n) of the batch's slides (catalog indices) → patches (B, n, 3, p, p) in [0, 1].
 BatchCellReader = Callable[[Sequence[int], Tensor], Tensor]
@@ -25,14 +26,15 @@ class AttentionSamplingModule(L.LightningModule):
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
         self.cell_reader: BatchCellReader | None = None
-        self.magnification_labels = list(model_cfg.magnification_labels or model_cfg.magnifications)
+        mags = parse_magnifications(model_cfg.magnifications, model_cfg.magnification_labels)
+        self.magnification_labels = [m.label for m in mags]
 
     def run(self, batch: dict, mode: str, n_samples: int = 1) -> JointOutput:
         """Forward one batch: thumbnails in, the chosen pooling mode, patches read through ``cell_reader``."""
         if self.cell_reader is None:
             raise RuntimeError("AttentionSamplingModule.cell_reader must be set before running")
         thumbs = batch["thumbnail"].float().div(255.0)
-        shapes = [tuple(int(v) for v in s) for s in batch["shapes"][0].tolist()]
+        shapes = _grid_shapes(batch)
         indices = [int(i) for i in batch["index"]]
         reader = self.cell_reader
 
@@ -67,7 +69,7 @@ class AttentionSamplingModule(L.LightningModule):
         acc = (out.logits.argmax(-1) == labels).float().mean()
         bs = labels.shape[0]
         self.log_dict({"val_loss": loss, "val_ce": ce, "val_acc": acc}, on_epoch=True, prog_bar=True, batch_size=bs)
-        totals = magnification_totals(out.attention, [tuple(s) for s in batch["shapes"][0].tolist()]).mean(0)
+        totals = magnification_totals(out.attention, _grid_shapes(batch)).mean(0)
         for j, share in enumerate(totals):
             self.log(f"val_attention_{self.magnification_labels[j]}", share, on_epoch=True, batch_size=bs)
 
@@ -81,3 +83,8 @@ class AttentionSamplingModule(L.LightningModule):
             "optimizer": opt,
             "lr_scheduler": {"scheduler": sched, "monitor": "val_acc", "interval": "epoch"},
         }
+
+
+def _grid_shapes(batch: dict) -> list[tuple[int, int]]:
+    """The (rows, cols) per magnification shared by every slide of a batch (batches are bucketed by shape)."""
+    return [(int(r), int(c)) for r, c in batch["shapes"][0].tolist()]
