@@ -132,3 +132,11 @@ def test_info_on_a_real_slide_with_a_config(loupe, slides_dir: Path):
 def test_not_a_run_folder(loupe, tmp_path: Path, command: str):
     args = [command, str(tmp_path)] + (["x.svs", "--out", str(tmp_path / "o")] if command == "predict" else [])
     _assert_clean_error(loupe(*args), "not a loupe run folder")
+
+
+def test_info_reports_a_broken_slide_and_still_describes_the_others(loupe, slides_dir: Path, tmp_path: Path):
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"\x00garbage" * 100)
+    res = loupe("info", str(broken), str(slides_dir / "cmu-1-small-region.svs"))
+    _assert_clean_error(res, "broken.svs")
+    assert "cmu-1-small-region.svs" in res.stdout

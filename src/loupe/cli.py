@@ -119,10 +119,16 @@ def _info(args: list[str]) -> int:
 
         cfg = load_config(ns.config)
         mags, patch = magnifications_of(cfg), cfg.model.patch_size
-    for slide in ns.slides:
-        d = describe_slide(slide, backend=ns.backend, mpp=ns.slide_mpp, magnifications=mags, patch_size=patch)
+    failed = 0
+    for slide in ns.slides:  # one unreadable slide must not hide the others
+        try:
+            d = describe_slide(slide, backend=ns.backend, mpp=ns.slide_mpp, magnifications=mags, patch_size=patch)
+        except LoupeError as err:
+            print(f"loupe info: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
         print(format_description(d))
-    return 0
+    return 1 if failed else 0
 
 
 def _demo(args: list[str]) -> int:
