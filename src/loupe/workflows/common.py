@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,21 +80,33 @@ class Inference:
     shapes: list[tuple[tuple[int, int], ...]]
     cells: list[np.ndarray]
 
-    def magnification_totals(self) -> np.ndarray:
-        """(N, m): each slide's total attention per magnification."""
-        rows = []
-        for att, shapes in zip(self.attention, self.shapes, strict=True):
-            sizes = np.cumsum([0] + [r * c for r, c in shapes])
-            rows.append([att[a:b].sum() for a, b in itertools.pairwise(sizes)])
-        return np.asarray(rows, dtype=np.float64)
-
     def maps(self, i: int) -> list[np.ndarray]:
         """Slide i's attention as one (rows, cols) map per magnification."""
-        out, start = [], 0
-        for r, c in self.shapes[i]:
-            out.append(self.attention[i][start : start + r * c].reshape(r, c))
-            start += r * c
-        return out
+        sizes = [r * c for r, c in self.shapes[i]]
+        parts = np.split(self.attention[i], np.cumsum(sizes)[:-1])
+        return [part.reshape(shape) for part, shape in zip(parts, self.shapes[i], strict=True)]
+
+    def magnification_totals(self) -> np.ndarray:
+        """(N, m): each slide's total attention per magnification."""
+        return np.asarray([[m.sum() for m in self.maps(i)] for i in range(len(self.attention))], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How patches are pooled at inference; recorded next to every output."""
+
+    mode: str
+    samples: int
+    k: int
+
+    @classmethod
+    def resolve(cls, cfg: Config, mode: str | None, samples: int | None) -> InferenceSettings:
+        """The requested mode and sample count, defaulting to the run's."""
+        return cls(mode or cfg.train.inference, samples or cfg.train.inference_samples, cfg.model.k)
+
+    def record(self) -> dict:
+        """The JSON form: ``samples`` is what was averaged (1 unless mode is ``mean``)."""
+        return {"mode": self.mode, "samples": self.samples if self.mode == "mean" else 1, "k": self.k}
 
 
 def prediction_row(fields: dict, probs: np.ndarray, totals: np.ndarray, classes: list[str], labels: list[str]) -> dict:

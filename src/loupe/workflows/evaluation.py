@@ -18,6 +18,7 @@ from loupe.reports import (
     write_json,
 )
 from loupe.workflows.common import (
+    InferenceSettings,
     RunPaths,
     infer,
     load_run,
@@ -47,9 +48,8 @@ def evaluate(
     records = list(manifest.records)
     catalog = make_catalog(records, cfg)
     catalog.require_all()
-    mode = inference or cfg.train.inference
-    n_samples = samples or cfg.train.inference_samples
-    result = infer(module, catalog, list(range(len(records))), cfg, mode, n_samples)
+    settings = InferenceSettings.resolve(cfg, inference, samples)
+    result = infer(module, catalog, list(range(len(records))), cfg, settings.mode, settings.samples)
     catalog.close()
 
     y_true = manifest.label_indices()
@@ -60,7 +60,7 @@ def evaluate(
         "split": split,
         "attention_share": attention_share(totals, labels),
         "mean_entropy": mean_entropy(result.attention),
-        "inference": {"mode": mode, "samples": n_samples if mode == "mean" else 1, "k": cfg.model.k},
+        "inference": settings.record(),
         "checkpoint": str(ckpt),
     }
     write_json(out_dir / "metrics.json", metrics)

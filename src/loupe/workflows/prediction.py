@@ -14,6 +14,7 @@ from loupe.data.manifest import manifest_from_paths
 from loupe.reports import attention_overlay, save_attention_npz, write_csv, write_json
 from loupe.workflows.common import (
     Inference,
+    InferenceSettings,
     infer,
     load_run,
     magnifications_of,
@@ -48,15 +49,13 @@ def predict(
     catalog = make_catalog(records, cfg)
     classes = list(cfg.data.classes or [])
     labels = [m.label for m in magnifications_of(cfg)]
-    mode = inference or cfg.train.inference
-    n_samples = samples or cfg.train.inference_samples
+    settings = InferenceSettings.resolve(cfg, inference, samples)
 
     status: dict[str, dict] = {}
     rows = []
     for i, rec in enumerate(records):
         try:
-            catalog.grid(i)
-            result = infer(module, catalog, [i], cfg, mode, n_samples, batch_size=1)
+            result = infer(module, catalog, [i], cfg, settings.mode, settings.samples, batch_size=1)
             _write_slide(out_dir / "slides" / rec.slide_id, catalog, i, result, labels, rec.slide_id)
         except Exception as err:  # report and skip: the other slides must still get their results
             reason = str(err) if str(err) else type(err).__name__
@@ -69,8 +68,7 @@ def predict(
     catalog.close()
 
     write_csv(out_dir / "predictions.csv", rows, prediction_columns(["slide_id", "path"], classes, labels))
-    inference_info = {"mode": mode, "samples": n_samples if mode == "mean" else 1, "k": cfg.model.k}
-    write_json(out_dir / "status.json", {"inference": inference_info, "slides": status})
+    write_json(out_dir / "status.json", {"inference": settings.record(), "slides": status})
     return status
 
 

@@ -62,14 +62,14 @@ def train(cfg: Config, out: str | Path) -> Path:
         raise ConfigError(f"{cfg.data.manifest}: need slides in both the train and val splits")
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    train_ds = ThumbnailDataset(
-        catalog, train_idx, cfg.model.thumbnail_size, [labels[i] for i in train_idx], cfg.data.cache_thumbnails
-    )
-    val_ds = ThumbnailDataset(
-        catalog, val_idx, cfg.model.thumbnail_size, [labels[i] for i in val_idx], cfg.data.cache_thumbnails
-    )
-    train_loader = make_loader(train_ds, cfg.data.batch_size, True, cfg.data.num_workers, cfg.train.seed)
-    val_loader = make_loader(val_ds, cfg.data.batch_size, False, cfg.data.num_workers)
+
+    def loader(indices: list[int], shuffle: bool):
+        ds = ThumbnailDataset(
+            catalog, indices, cfg.model.thumbnail_size, [labels[i] for i in indices], cfg.data.cache_thumbnails
+        )
+        return make_loader(ds, cfg.data.batch_size, shuffle, cfg.data.num_workers, cfg.train.seed)
+
+    train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)
 
     module = AttentionSamplingModule(build_model(cfg.model, len(manifest.classes)), cfg.model, cfg.train)
     reader = CellReader(catalog, cfg.data.read_threads)
