@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from loupe.errors import LoupeError
 
-COMMANDS = ("train", "evaluate", "predict", "info", "demo")
+COMMANDS = ("train", "evaluate", "predict", "info", "demo", "import-bach")
 
 USAGE = """usage: loupe COMMAND [options]
 
@@ -17,11 +17,14 @@ commands:
                                   e.g. --model.k 10 --train.epochs 50
   evaluate RUN --split test --out DIR
                                   metrics.json, predictions.csv, ROC/PR/confusion PNGs
-  predict RUN SLIDE_OR_FOLDER... --out DIR
-                                  predictions.csv, per-slide attention maps (.npz) and overlay PNGs
+  predict RUN SLIDES_FOLDERS_OR_CSV... --out DIR
+                                  predictions.csv, status.json, timings.csv; per slide attention maps (.npz),
+                                  QuPath GeoJSON, heatmap PNGs; a re-run skips finished slides (--overwrite)
   info SLIDE [--config CONFIG]    levels, dimensions, µm/px, vendor (and which level each magnification reads)
   demo --out DIR [--signal-magnification highest|lowest|LABEL]
                                   generate synthetic slides, train, evaluate, predict, report
+  import-bach ROOT --out MANIFEST.csv
+                                  a manifest of the BACH challenge photos (Normal/Benign/InSitu/Invasive, 0.42 µm/px)
 
 `loupe COMMAND --help` lists a command's options.
 """
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="loupe: %(message)s")
     try:
-        return globals()[f"_{command}"](rest)
+        return globals()[f"_{command.replace('-', '_')}"](rest)
     except LoupeError as err:
         print(f"loupe {command}: error: {err}", file=sys.stderr)
         return 1
@@ -89,16 +92,27 @@ def _predict(args: list[str]) -> int:
     from loupe.workflows.prediction import predict
 
     parser = _run_parser("loupe predict")
-    parser.add_argument("slides", nargs="+", help="slide files or folders of slides")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("slides", nargs="+", help="slide files, folders of slides, or manifest CSVs")
+    parser.add_argument("--out", required=True, help="output folder (a re-run skips the slides finished there)")
     parser.add_argument("--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="redo slides that are already finished")
+    parser.add_argument("--workers", type=int, default=2, help="processes preparing slides ahead of the model")
+    parser.add_argument(
+        "--tissue", type=bool | None, default=None, help="tissue detection on/off (default: the run's setting)"
+    )
     ns = parser.parse_args(args)
-    status = predict(ns.run, ns.slides, ns.out, ns.inference, ns.samples, ns.slide_mpp)
-    failed = {k: v for k, v in status.items() if v["status"] != "done"}
-    print(f"predicted {len(status) - len(failed)} of {len(status)} slides into {ns.out}")
-    for slide_id, v in failed.items():
+    run = predict(
+        ns.run, ns.slides, ns.out, ns.inference, ns.samples, ns.slide_mpp, ns.overwrite, ns.workers, ns.tissue
+    )
+    counts = run.counts()
+    total = sum(counts.values())
+    print(
+        f"{counts['done']} of {total} slides done ({len(run.processed)} processed now), "
+        f"{counts['failed']} failed: {ns.out}/status.json"
+    )
+    for slide_id, v in run.status.failed().items():
         print(f"  failed {slide_id}: {v['reason']}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if counts["failed"] else 0
 
 
 def _info(args: list[str]) -> int:
@@ -153,6 +167,34 @@ def _demo(args: list[str]) -> int:
         f"demo: test accuracy {m['accuracy']:.3f}; attention {share} (planted at {m['signal_magnification']}); "
         f"{m['timings_s']['total']} s; report: {ns.out}/report.md"
     )
+    return 0
+
+
+def _import_bach(args: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    from loupe.data.bach import BACH_MPP, import_bach
+
+    parser = ArgumentParser(prog="loupe import-bach")
+    parser.add_argument("root", help="the BACH dataset root (or its Photos folder)")
+    parser.add_argument("--out", required=True, help="manifest CSV to write")
+    parser.add_argument("--ground-truth", "--ground_truth", dest="ground_truth", default=None)
+    parser.add_argument("--mpp", type=float, default=BACH_MPP, help="µm/px of the photos")
+    parser.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.0)
+    parser.add_argument("--test-fraction", "--test_fraction", dest="test_fraction", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(args)
+    manifest = import_bach(
+        ns.root,
+        ns.out,
+        ground_truth=ns.ground_truth,
+        mpp=ns.mpp,
+        val_fraction=ns.val_fraction,
+        test_fraction=ns.test_fraction,
+        seed=ns.seed,
+    )
+    counts = ", ".join(f"{c} {sum(r.label == c for r in manifest.records)}" for c in manifest.classes)
+    print(f"wrote {ns.out}: {len(manifest.records)} images ({counts}) at {ns.mpp} µm/px")
     return 0
 
 

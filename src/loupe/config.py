@@ -19,13 +19,28 @@ class DataConfig:
     """Class order; default: the sorted labels of the manifest."""
     slide_mpp: float | None = None
     """µm/px for slides whose files carry none (a manifest mpp column wins per slide)."""
-    backend: Literal["auto", "openslide", "image"] = "auto"
+    backend: Literal["auto", "openslide", "tiffslide", "image"] = "auto"
+    """auto: OpenSlide for slides, Pillow/tifffile for plain images; tiffslide needs the extra
+    `pip install 'loupe[tiffslide]'`."""
+    tissue: bool = True
+    """Detect tissue on an overview image and give background cells zero attention (off for images that are
+    all tissue, such as BACH)."""
+    tissue_min_fraction: float = 0.05
+    """A cell is sampled only if at least this fraction of its area is tissue."""
+    cache: bool = True
+    """Keep each slide's header, thumbnail, overview and tissue mask in a disk cache, keyed by their parameters."""
+    cache_dir: str | None = None
+    """Cache folder; default $LOUPE_CACHE_DIR or ~/.cache/loupe."""
+    folds: int | None = None
+    """Cross-validation: the test split is fold ``fold`` of a stratified, patient-grouped k-fold; the manifest's
+    split column is then ignored and val is drawn from the remaining folds."""
+    fold: int = 0
     batch_size: int = 8
     num_workers: int = 0
     """DataLoader workers for thumbnails (patches are read by threads in the training process)."""
     read_threads: int = 8
     cache_thumbnails: bool = True
-    """Keep each slide's thumbnail in memory after the first epoch."""
+    """Keep each slide's thumbnail and valid cells in memory after the first epoch."""
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     """Used only for slides without a split value: stratified, group-aware random split."""

@@ -25,13 +25,13 @@ def catalog(tmp_path_factory):
     root = tmp_path_factory.mktemp("loading")
     small = load_manifest(generate_dataset(root / "small", SMALL)).records
     large = load_manifest(generate_dataset(root / "large", LARGE)).records
-    cat = SlideCatalog([*small, *large], MAGS, P)  # items 0-7: 128 px, items 8-10: 192 px
+    cat = SlideCatalog([*small, *large], MAGS, P, thumbnail_size=(48, 32))  # items 0-7: 128 px, items 8-10: 192 px
     yield cat
     cat.close()
 
 
 def test_thumbnail_dataset_items(catalog):
-    ds = ThumbnailDataset(catalog, [1, 9, 4], thumbnail_size=(48, 32), labels=[0, 1, 1])
+    ds = ThumbnailDataset(catalog, [1, 9, 4], labels=[0, 1, 1])
     assert len(ds) == 3
     item = ds[1]
     assert item["index"] == 9 and item["label"] == 1
@@ -41,8 +41,9 @@ def test_thumbnail_dataset_items(catalog):
     expected = catalog.reader(9).thumbnail((48, 32))
     assert np.array_equal(item["thumbnail"].permute(1, 2, 0).numpy(), expected)
     assert ds.thumbnail(1) is ds.thumbnail(1)  # cached
-    assert ThumbnailDataset(catalog, [0], (48, 32), cache=False).thumbnail(0) is not ds.thumbnail(0)
-    assert ThumbnailDataset(catalog, [0], (48, 32))[0]["label"] == -1  # unlabelled (prediction)
+    assert item["valid"].dtype == torch.bool and item["valid"].shape == (4 + 9 + 36,) and bool(item["valid"].all())
+    assert ThumbnailDataset(catalog, [0], cache=False).thumbnail(0) is not ds.thumbnail(0)
+    assert ThumbnailDataset(catalog, [0])[0]["label"] == -1  # unlabelled (prediction)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -71,13 +72,14 @@ def test_shape_batch_sampler_groups_equal_shapes_and_covers_each_item_once(shuff
 
 
 def test_make_loader_yields_shape_homogeneous_batches(catalog):
-    ds = ThumbnailDataset(catalog, list(range(11)), (32, 32), labels=[i % 2 for i in range(11)])
+    ds = ThumbnailDataset(catalog, list(range(11)), labels=[i % 2 for i in range(11)])
     loader = make_loader(ds, batch_size=4, shuffle=True, num_workers=0)
     seen = []
     for batch in loader:
         shapes = batch["shapes"]
         assert torch.all(shapes == shapes[0])
-        assert batch["thumbnail"].shape[1:] == (3, 32, 32)
+        assert batch["thumbnail"].shape[1:] == (3, 32, 48)
+        assert batch["valid"].shape == (len(batch["index"]), int(shapes[0].prod(-1).sum()))
         seen += batch["index"].tolist()
     assert sorted(seen) == list(range(11))
 

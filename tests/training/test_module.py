@@ -130,10 +130,10 @@ def test_configure_optimizers_gives_adam_and_plateau_schedule_on_val_acc():
 def test_one_epoch_with_a_trainer_on_synthetic_slides(tmp_path):
     spec = SyntheticSpec(image_size=64, patch_size=16, splits={"train": 4, "val": 2})
     manifest = load_manifest(generate_dataset(tmp_path / "ds", spec))
-    catalog = SlideCatalog(manifest.records, spec.magnifications, spec.patch_size)
+    catalog = SlideCatalog(manifest.records, spec.magnifications, spec.patch_size, thumbnail_size=(32, 32))
     labels = manifest.label_indices().tolist()
-    train = ThumbnailDataset(catalog, [0, 1, 2, 3], (32, 32), labels[:4])
-    val = ThumbnailDataset(catalog, [4, 5], (32, 32), labels[4:])
+    train = ThumbnailDataset(catalog, [0, 1, 2, 3], labels[:4])
+    val = ThumbnailDataset(catalog, [4, 5], labels[4:])
     cfg = ModelConfig(patch_size=16, thumbnail_size=(32, 32), k=2)
     module = AttentionSamplingModule(build_model(cfg, 2), cfg, TrainConfig(epochs=1, lr=1e-3, inference="mean"))
     module.cell_reader = CellReader(catalog, threads=2)

@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from loupe.data.manifest import SlideRecord
+from loupe.data.preparation import PrepSettings, SlideHeader, SlidePreparer, Timer
 from loupe.errors import LoupeError, SlideError
-from loupe.slides import Magnification, SlideGrid, SlideReader, build_grid, open_slide
+from loupe.slides import Magnification, SlideGrid, SlideReader, open_slide
+from loupe.slides.cache import SlideCache
+from loupe.slides.tissue import TissueSettings
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,8 @@ class SlideProblem:
 
 
 class SlideCatalog:
-    """Records + grids; readers are opened on first use in each process (DataLoader workers included)."""
+    """Records + grids + what is derived from each slide (through the cache); readers are opened on first use
+    in each process (DataLoader workers included) and reused."""
 
     def __init__(
         self,
@@ -30,14 +37,22 @@ class SlideCatalog:
         patch_size: int,
         backend: str = "auto",
         slide_mpp: float | None = None,
+        thumbnail_size: Sequence[int] = (96, 96),
+        tissue: TissueSettings | None = None,
+        cache: SlideCache | None = None,
     ) -> None:
         self.records = tuple(records)
         self.magnifications = tuple(magnifications)
         self.patch_size = patch_size
         self.backend = backend
         self.slide_mpp = slide_mpp
+        self.preparer = SlidePreparer(
+            PrepSettings(self.magnifications, patch_size, tuple(int(v) for v in thumbnail_size), backend, tissue),
+            cache,
+        )
         self.grids: list[SlideGrid | None] = [None] * len(self.records)
         self._readers: dict[int, SlideReader] = {}
+        self.max_open = 256
         self._pid = os.getpid()
         self._lock = threading.Lock()
 
@@ -61,37 +76,82 @@ class SlideCatalog:
         return rec.mpp if rec.mpp is not None else self.slide_mpp
 
     def reader(self, i: int) -> SlideReader:
-        """The open reader of slide i in this process."""
+        """The open reader of slide i in this process (at most ``max_open`` stay open: least recently used
+        ones are closed, so a run over thousands of slides does not exhaust file handles)."""
         with self._lock:
             if self._pid != os.getpid():
                 self._readers = {}
                 self._pid = os.getpid()
-            r = self._readers.get(i)
-            if r is None:
-                r = open_slide(self.records[i].path, backend=self.backend, mpp=self.mpp_of(i))
-                self._readers[i] = r
+            r = self._readers.pop(i, None)
+            if r is not None:
+                self._readers[i] = r  # most recently used last
+                return r
+        r = open_slide(self.records[i].path, backend=self.backend, mpp=self.mpp_of(i))
+        with self._lock:
+            if i in self._readers:  # another thread opened it meanwhile
+                r.close()
+                return self._readers[i]
+            self._readers[i] = r
+            while len(self._readers) > self.max_open:
+                oldest = next(iter(self._readers))
+                self._readers.pop(oldest).close()
             return r
+
+    @property
+    def tissue(self) -> TissueSettings | None:
+        return self.preparer.settings.tissue
+
+    def header(self, i: int) -> SlideHeader:
+        """Slide i's level-0 size and µm/px (cached: no need to open the slide on a re-run)."""
+        return self.preparer.header(self.records[i].path, self.mpp_of(i), lambda: self.reader(i))
 
     def grid(self, i: int) -> SlideGrid:
         """Slide i's grid of cells at every magnification."""
         g = self.grids[i]
         if g is None:
-            r = self.reader(i)
-            g = build_grid(r.dimensions, r.mpp, self.magnifications, self.patch_size, self.records[i].path)
+            g = self.preparer.grid(self.header(i), self.records[i].path)
             self.grids[i] = g
         return g
 
-    def check(self) -> list[SlideProblem]:
-        """Open every slide and build its grid; return the ones that fail (unreadable, no µm/px, too small)."""
-        problems = []
-        for i, rec in enumerate(self.records):
-            try:
-                self.grid(i)
-            except LoupeError as err:
-                problems.append(SlideProblem(rec, str(err)))
-            except Exception as err:  # a backend failing in an unforeseen way must not hide the other slides
-                problems.append(SlideProblem(rec, f"{type(err).__name__}: {err}"))
-        return problems
+    def thumbnail(self, i: int, timer: Timer | None = None) -> np.ndarray:
+        """Slide i's model thumbnail (h, w, 3) uint8."""
+        return self.preparer.thumbnail(self.records[i].path, lambda: self.reader(i), timer)
+
+    def overview(self, i: int, timer: Timer | None = None) -> np.ndarray:
+        """Slide i's overview image (tissue detection, overlays)."""
+        return self.preparer.overview(self.records[i].path, self.grid(i), lambda: self.reader(i), timer)
+
+    def tissue_and_valid(
+        self, i: int, timer: Timer | None = None, overview: np.ndarray | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Slide i's tissue mask (None when detection is off) and valid cells (N,) bool."""
+        return self.preparer.tissue(self.records[i].path, self.grid(i), lambda: self.reader(i), timer, overview)
+
+    def valid(self, i: int, timer: Timer | None = None) -> np.ndarray:
+        """Slide i's valid cells (N,) bool: tissue cells, or all cells when detection is off."""
+        return self.tissue_and_valid(i, timer)[1]
+
+    def _problem(self, i: int) -> SlideProblem | None:
+        rec = self.records[i]
+        try:
+            self.grid(i)
+            if self.tissue is not None:
+                self.valid(i)
+        except LoupeError as err:
+            return SlideProblem(rec, str(err))
+        except Exception as err:  # a backend failing in an unforeseen way must not hide the other slides
+            return SlideProblem(rec, f"{type(err).__name__}: {err}")
+        return None
+
+    def check(self, threads: int = 8) -> list[SlideProblem]:
+        """Open every slide, build its grid (and tissue mask); return the ones that fail (unreadable, no µm/px,
+        too small, no tissue). Slides are checked concurrently; results fill the cache for later epochs."""
+        if threads <= 1 or len(self.records) <= 1:
+            found = [self._problem(i) for i in range(len(self.records))]
+        else:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="loupe-check") as pool:
+                found = list(pool.map(self._problem, range(len(self.records))))
+        return [p for p in found if p is not None]
 
     def require_all(self) -> None:
         """Raise one error listing every unusable slide (before any training starts)."""

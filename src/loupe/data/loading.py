@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,25 +13,26 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loupe.data.catalog import SlideCatalog
+from loupe.data.preparation import Timer
 
 
 class ThumbnailDataset(Dataset):
-    """Item i of a subset of a catalog: the slide's thumbnail (uint8, 3×h×w), label index and catalog index."""
+    """Item i of a subset of a catalog: the slide's thumbnail (uint8, 3×h×w), its valid cells (N,) bool, label
+    index and catalog index. Thumbnails and masks come through the catalog's disk cache; with ``cache`` they are
+    also kept in memory after the first epoch."""
 
     def __init__(
         self,
         catalog: SlideCatalog,
         indices: Sequence[int],
-        thumbnail_size: tuple[int, int],
         labels: Sequence[int] | None = None,
         cache: bool = True,
     ) -> None:
         self.catalog = catalog
         self.indices = list(indices)
-        self.thumbnail_size = tuple(thumbnail_size)
         self.labels = list(labels) if labels is not None else [-1] * len(self.indices)
         self.cache = cache
-        self._thumbs: dict[int, Tensor] = {}
+        self._memo: dict[int, tuple[Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -38,24 +40,97 @@ class ThumbnailDataset(Dataset):
     def shapes(self, item: int) -> tuple[tuple[int, int], ...]:
         return self.catalog.grid(self.indices[item]).shapes
 
-    def thumbnail(self, item: int) -> Tensor:
+    def _inputs(self, item: int) -> tuple[Tensor, Tensor]:
         i = self.indices[item]
-        t = self._thumbs.get(i)
-        if t is None:
-            arr = self.catalog.reader(i).thumbnail(self.thumbnail_size)
-            t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+        found = self._memo.get(i)
+        if found is None:
+            arr = self.catalog.thumbnail(i)
+            thumb = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+            found = (thumb, torch.from_numpy(np.array(self.catalog.valid(i), dtype=bool)))
             if self.cache:
-                self._thumbs[i] = t
-        return t
+                self._memo[i] = found
+        return found
+
+    def thumbnail(self, item: int) -> Tensor:
+        return self._inputs(item)[0]
 
     def __getitem__(self, item: int) -> dict:
         i = self.indices[item]
+        thumb, valid = self._inputs(item)
         return {
-            "thumbnail": self.thumbnail(item),
+            "thumbnail": thumb,
+            "valid": valid,
             "label": self.labels[item],
             "index": i,
             "shapes": torch.tensor(self.catalog.grid(i).shapes),
         }
+
+
+class PreparedSlides(Dataset):
+    """Item i: what the model needs of catalog slide ``indices[i]`` (thumbnail, valid cells, overview), prepared
+    in a DataLoader worker while the model runs on earlier slides, with the time each step took.
+
+    A slide that cannot be prepared yields ``{"index", "error"}`` instead of raising: one bad slide never stops
+    a batch run.
+    """
+
+    def __init__(self, catalog: SlideCatalog, indices: Sequence[int], overview: bool = True) -> None:
+        self.catalog = catalog
+        self.indices = list(indices)
+        self.overview = overview
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict:
+        i = self.indices[item]
+        timer = Timer()
+        try:
+            start = time.perf_counter()
+            grid = self.catalog.grid(i)
+            timer.add("open", start)
+            thumbnail = self.catalog.thumbnail(i, timer)
+            overview = None
+            if self.overview or self.catalog.tissue is not None:
+                overview = self.catalog.overview(i, timer)
+            mask, valid = self.catalog.tissue_and_valid(i, timer, overview)
+        except Exception as err:  # reported per slide by the caller
+            return {"index": i, "error": describe_error(err)}
+        return {
+            "index": i,
+            "thumbnail": thumbnail,
+            "valid": valid,
+            "shapes": grid.shapes,
+            "overview": overview,
+            "tissue": mask,
+            "timings": timer.seconds,
+        }
+
+
+def describe_error(err: BaseException) -> str:
+    """A one-line reason for a failed slide: loupe's own message, or the exception type and text."""
+    from loupe.errors import LoupeError
+
+    text = str(err).strip()
+    if isinstance(err, LoupeError) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _unbatched(item: dict) -> dict:
+    return item
+
+
+def prepared_loader(dataset: PreparedSlides, num_workers: int) -> DataLoader:
+    """Slides one at a time, prepared ahead by ``num_workers`` worker processes (0: in this process)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_unbatched,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
 
 
 class ShapeBatchSampler(Sampler[list[int]]):
@@ -106,9 +181,20 @@ class CellReader:
         self.catalog = catalog
         self.patch_size = catalog.patch_size
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="loupe-read")
+        self.seconds = 0.0
+        """Wall time spent reading patches so far (for timing reports)."""
+        self.patches = 0
 
     def __call__(self, slide_indices: Sequence[int], cells: Tensor) -> Tensor:
         """Patches (B, n, 3, p, p) float in [0, 1] of cells (B, n) of the given catalog slides."""
+        start = time.perf_counter()
+        try:
+            return self._read(slide_indices, cells)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.patches += cells.numel()
+
+    def _read(self, slide_indices: Sequence[int], cells: Tensor) -> Tensor:
         p = self.patch_size
         cells_np = cells.detach().cpu().numpy()
         out = np.empty((*cells_np.shape, p, p, 3), dtype=np.uint8)

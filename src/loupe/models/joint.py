@@ -98,9 +98,10 @@ class JointAttentionSampler(nn.Module):
         regulariser = entropy_regulariser(probs)
 
         if mode == "exhaustive":
-            cells = torch.arange(probs.shape[1], device=probs.device).expand(probs.shape[0], -1)
+            cells, real = valid_cells(valid, probs.shape, probs.device)
             feats = self.embed(read_patches(cells))
-            return JointOutput(self.classifier(exact_expectation(probs, feats)), probs, cells, regulariser)
+            weights = probs.gather(1, cells) * real.to(probs.dtype)
+            return JointOutput(self.classifier(exact_expectation(weights, feats)), probs, cells, regulariser)
 
         if mode == "topk":
             k = min(self.k, probs.shape[1])
@@ -128,6 +129,23 @@ class JointAttentionSampler(nn.Module):
                 estimates.append(expectation_without_replacement(p, f, p_valid))
         pooled = torch.stack(estimates).mean(0)
         return JointOutput(self.classifier(pooled), probs, cells, regulariser)
+
+
+def valid_cells(
+    valid: Tensor | None, shape: Sequence[int], device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """Every valid cell of each row, in index order: (cells (B, n), real (B, n) bool), n = the most valid cells
+    of any row; shorter rows are padded with their first valid cell (``real`` False), so that the all-cells
+    modes never read a background or padding patch."""
+    b, n_cells = shape
+    if valid is None:
+        cells = torch.arange(n_cells, device=device).expand(b, -1)
+        return cells, torch.ones(b, n_cells, dtype=torch.bool, device=device)
+    counts = valid.sum(-1)
+    n = max(int(counts.max()), 1)
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[:, :n]
+    real = torch.arange(n, device=valid.device).expand(b, -1) < counts.unsqueeze(-1)
+    return torch.where(real, order, order[:, :1]), real
 
 
 def magnification_totals(attention: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:

@@ -82,9 +82,11 @@ def _jsonable(obj: Any) -> Any:
     raise LoupeError(f"cannot write a value of type {type(obj).__name__} to JSON: convert it to a plain type first")
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON; numpy values and paths are converted, NaN and inf become null."""
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
+def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (indented, or compact with ``indent=None`` for large files); numpy values and paths
+    are converted, NaN and inf become null."""
+    separators = (",", ":") if indent is None else None
+    text = json.dumps(_jsonable(obj), indent=indent, separators=separators, allow_nan=False, ensure_ascii=False)
     return write_text(path, text + "\n")
 
 

@@ -10,8 +10,9 @@ from loupe.errors import ConfigError, SlideError
 from loupe.slides.image_reader import TIFF_SUFFIXES, ImageReader
 from loupe.slides.openslide_reader import OpenSlideReader, resolve_dicom_path
 from loupe.slides.reader import SlideReader
+from loupe.slides.tiffslide_reader import TiffSlideReader
 
-BACKENDS = ("auto", "openslide", "image")
+BACKENDS = ("auto", "openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -30,7 +31,11 @@ def choose_backend(path: Path) -> str:
 
 
 def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None) -> SlideReader:
-    """Open a slide for reading. ``mpp`` overrides (or supplies) the level-0 µm/px."""
+    """Open a slide for reading. ``mpp`` overrides (or supplies) the level-0 µm/px.
+
+    'auto' picks OpenSlide or the image reader (see ``choose_backend``); 'tiffslide' must be asked for and needs
+    the optional extra ``loupe[tiffslide]``.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown slide backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     p = Path(path).expanduser()
@@ -40,9 +45,16 @@ def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None
         resolve_dicom_path(p)  # raises a SlideError when the folder holds no DICOM files
         if backend == "image":
             raise SlideError(f"slide {p} is a folder: the image backend reads one image file; pass the file")
+        if backend == "tiffslide":
+            raise SlideError(
+                f"slide {p} is a folder (a DICOM series?): the tiffslide backend reads single TIFF-based files; "
+                "use backend='openslide' for DICOM"
+            )
         return OpenSlideReader(p, mpp)
     if backend == "auto":
         backend = choose_backend(p)
     if backend == "image":
         return ImageReader(p, mpp)
+    if backend == "tiffslide":
+        return TiffSlideReader(p, mpp)  # wraps every tiffslide open failure in a SlideError naming the file
     return OpenSlideReader(p, mpp)

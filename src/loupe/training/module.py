@@ -41,7 +41,9 @@ class AttentionSamplingModule(L.LightningModule):
         def read(cells: Tensor) -> Tensor:
             return reader(indices, cells).to(thumbs.device)
 
-        return self.model(thumbs, shapes, read, mode=mode, n_samples=n_samples)
+        valid = batch.get("valid")
+        valid = valid.to(thumbs.device, torch.bool) if valid is not None else None
+        return self.model(thumbs, shapes, read, valid=valid, mode=mode, n_samples=n_samples)
 
     def _loss(self, out: JointOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
         ce = F.cross_entropy(out.logits, labels)

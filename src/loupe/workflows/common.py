@@ -15,6 +15,8 @@ from loupe.data.manifest import SlideRecord
 from loupe.errors import LoupeError
 from loupe.models import build_model
 from loupe.slides import Magnification, parse_magnifications
+from loupe.slides.cache import SlideCache
+from loupe.slides.tissue import TissueSettings
 from loupe.training.module import AttentionSamplingModule
 
 
@@ -49,9 +51,24 @@ def magnifications_of(cfg: Config) -> tuple[Magnification, ...]:
     return parse_magnifications(cfg.model.magnifications, cfg.model.magnification_labels)
 
 
+def tissue_settings(cfg: Config) -> TissueSettings | None:
+    """The tissue detection of a run, or None when it is off."""
+    return TissueSettings(min_cell_fraction=cfg.data.tissue_min_fraction) if cfg.data.tissue else None
+
+
 def make_catalog(records: list[SlideRecord] | tuple[SlideRecord, ...], cfg: Config) -> SlideCatalog:
-    """A catalog of slides read with the run's magnifications, patch size, backend and µm/px override."""
-    return SlideCatalog(records, magnifications_of(cfg), cfg.model.patch_size, cfg.data.backend, cfg.data.slide_mpp)
+    """A catalog of slides read with the run's magnifications, patch size, backend, µm/px override, thumbnail
+    size, tissue detection and cache."""
+    return SlideCatalog(
+        records,
+        magnifications_of(cfg),
+        cfg.model.patch_size,
+        cfg.data.backend,
+        cfg.data.slide_mpp,
+        thumbnail_size=cfg.model.thumbnail_size,
+        tissue=tissue_settings(cfg),
+        cache=SlideCache(cfg.data.cache_dir, enabled=cfg.data.cache),
+    )
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, AttentionSamplingModule, Path]:
@@ -133,7 +150,7 @@ def infer(
 ) -> Inference:
     """Run the model on catalog slides ``indices`` with the given pooling mode; no gradients, eval mode."""
     torch.manual_seed(cfg.train.seed)
-    dataset = ThumbnailDataset(catalog, indices, cfg.model.thumbnail_size, cache=False)
+    dataset = ThumbnailDataset(catalog, indices, cache=False)
     loader = make_loader(dataset, batch_size or cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     reader = CellReader(catalog, cfg.data.read_threads)
     module.cell_reader = reader

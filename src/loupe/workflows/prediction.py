@@ -1,31 +1,106 @@
-"""`loupe predict`: classify new slides and write their attention maps; a broken slide never stops the others."""
+"""`loupe predict`: classify many slides; a broken slide is reported and skipped, a re-run skips finished work.
+
+Slides come from files, folders and manifest CSVs. Each is prepared (header, thumbnail, overview, tissue mask:
+through the cache) in DataLoader workers while the model runs on the previous ones; the model then reads only
+the k sampled patches. Each slide's outputs go to ``OUT/slides/<slide_id>/``, written atomically; ``status.json``
+records every slide as pending, done or failed (with the reason) and is rewritten after each slide;
+``predictions.csv`` and ``timings.csv`` cover every finished slide of the request.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
+from loupe.config import Config
 from loupe.data.catalog import SlideCatalog
-from loupe.data.manifest import manifest_from_paths
-from loupe.reports import attention_overlay, save_attention_npz, write_csv, write_json
-from loupe.workflows.common import (
-    Inference,
-    InferenceSettings,
-    infer,
-    load_run,
-    magnifications_of,
-    make_catalog,
-    prediction_columns,
-    prediction_row,
-)
+from loupe.data.loading import CellReader, PreparedSlides, describe_error, prepared_loader
+from loupe.data.manifest import SlideRecord, load_manifest, manifest_from_paths
+from loupe.errors import ManifestError
+from loupe.reports import write_csv
+from loupe.slides.cache import file_identity
+from loupe.training.module import AttentionSamplingModule
+from loupe.workflows.common import InferenceSettings, load_run, magnifications_of, make_catalog
+from loupe.workflows.slide_outputs import PREDICTION_FILE, SlideResult, clean_partials, write_slide_folder
+from loupe.workflows.status import DONE, FAILED, PENDING, RunStatus
 
 log = logging.getLogger("loupe")
 
-OVERLAY_SIDE = 512
+TIMING_STEPS = ("open", "thumbnail", "overview", "tissue", "patches", "model", "write")
+
+
+@dataclass
+class PredictionRun:
+    """What a call to :func:`predict` did."""
+
+    status: RunStatus
+    processed: list[str]
+    """Slides worked on in this call (the others were finished or failed, unchanged, before)."""
+
+    def counts(self) -> dict[str, int]:
+        return self.status.counts()
+
+
+def collect_records(slides: Sequence[str | Path]) -> list[SlideRecord]:
+    """Slides from files, folders (searched recursively) and manifest CSVs (labels optional), in order."""
+    records: list[SlideRecord] = []
+    paths: list[str | Path] = []
+    for item in slides:
+        if str(item).lower().endswith((".csv", ".tsv")):
+            records += load_manifest(item, require_labels=False, check_files=False).records
+        else:
+            paths.append(item)
+    if paths:
+        records += manifest_from_paths(paths).records
+    ids = [r.slide_id for r in records]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ManifestError(
+            f"slide ids repeated across the inputs: {', '.join(repeated[:10])}; output folders are named by slide "
+            "id, so give each slide a unique slide_id (manifest column) or predict the sources separately"
+        )
+    return records
+
+
+def _fingerprint(catalog: SlideCatalog, i: int, cfg: Config) -> Any:
+    """What a failed slide's outcome depends on: the file and the settings that read it."""
+    try:
+        ident: Any = file_identity(catalog.records[i].path)
+    except OSError:
+        ident = None
+    fp = {"file": ident, "mpp": catalog.mpp_of(i), "backend": cfg.data.backend, "tissue": cfg.data.tissue}
+    return json.loads(json.dumps(fp, default=str))  # the form it has after a round trip through status.json
+
+
+def _settings_record(cfg: Config, inference: InferenceSettings, checkpoint: Path) -> dict[str, Any]:
+    """What a finished slide's outputs depend on; a change makes a re-run redo the slide."""
+    stat = checkpoint.stat()
+    return {
+        **inference.record(),
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_mtime_ns": stat.st_mtime_ns,
+        "tissue": cfg.data.tissue,
+        "tissue_min_fraction": cfg.data.tissue_min_fraction if cfg.data.tissue else None,
+        "seed": cfg.train.seed,
+    }
+
+
+def _finished(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The slide's prediction summary when its folder is complete and made with the same settings."""
+    try:
+        info = json.loads((folder / PREDICTION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if info.get("settings") == json.loads(json.dumps(settings)) else None
 
 
 def predict(
@@ -35,55 +110,163 @@ def predict(
     inference: str | None = None,
     samples: int | None = None,
     slide_mpp: float | None = None,
-) -> dict[str, dict]:
-    """Predict slides (files or folders); write predictions.csv, status.json and per slide attention + overlay.
+    overwrite: bool = False,
+    workers: int = 2,
+    tissue: bool | None = None,
+) -> PredictionRun:
+    """Predict slides (files, folders, manifest CSVs) into ``out``; see the module docstring for the layout.
 
-    Returns the status of every slide: ``{"status": "done"}`` or ``{"status": "failed", "reason": ...}``.
+    ``tissue`` overrides the run's tissue detection (e.g. on for whole slides with a model trained on crops).
+    Finished slides are skipped unless ``overwrite``; slides that failed before are retried only when their
+    file or the settings that read them changed.
     """
-    cfg, module, _ = load_run(run_dir)
+    cfg, module, ckpt = load_run(run_dir)
+    data = cfg.data
     if slide_mpp is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, slide_mpp=slide_mpp))
+        data = dataclasses.replace(data, slide_mpp=slide_mpp)
+    if tissue is not None:
+        data = dataclasses.replace(data, tissue=tissue)
+    cfg = dataclasses.replace(cfg, data=data)
     out_dir = Path(out)
-    manifest = manifest_from_paths(slides)
-    records = list(manifest.records)
+    slides_dir = out_dir / "slides"
+    records = collect_records(slides)
     catalog = make_catalog(records, cfg)
     classes = list(cfg.data.classes or [])
     labels = [m.label for m in magnifications_of(cfg)]
-    settings = InferenceSettings.resolve(cfg, inference, samples)
+    inference_settings = InferenceSettings.resolve(cfg, inference, samples)
+    settings = _settings_record(cfg, inference_settings, ckpt)
 
-    status: dict[str, dict] = {}
-    rows = []
+    clean_partials(slides_dir)
+    previous = RunStatus.previous_slides(out_dir / "status.json")
+    status = RunStatus(out_dir / "status.json", {"run": str(Path(run_dir).resolve()), "settings": settings})
+    todo: list[int] = []
     for i, rec in enumerate(records):
-        try:
-            result = infer(module, catalog, [i], cfg, settings.mode, settings.samples, batch_size=1)
-            _write_slide(out_dir / "slides" / rec.slide_id, catalog, i, result, labels, rec.slide_id)
-        except Exception as err:  # report and skip: the other slides must still get their results
-            reason = str(err) if str(err) else type(err).__name__
-            log.error("%s: %s", rec.path, reason)
-            status[rec.slide_id] = {"status": "failed", "path": str(rec.path), "reason": reason}
+        fp = _fingerprint(catalog, i, cfg)
+        if not overwrite:
+            info = _finished(slides_dir / rec.slide_id, settings)
+            if info is not None:
+                timings = previous.get(rec.slide_id, {}).get("timings_s") or info.get("timings_s")
+                status.set(rec.slide_id, DONE, save=False, path=str(rec.path), timings_s=timings)
+                continue
+            before = previous.get(rec.slide_id, {})
+            if before.get("status") == FAILED and before.get("fingerprint") == fp:
+                status.set(rec.slide_id, FAILED, save=False, **{k: v for k, v in before.items() if k != "status"})
+                continue
+        status.set(rec.slide_id, PENDING, save=False, path=str(rec.path), fingerprint=fp)
+        todo.append(i)
+    status.save()
+    skipped = len(records) - len(todo)
+    if skipped:
+        log.info("%d of %d slides already done or failed with unchanged inputs: skipped", skipped, len(records))
+
+    processed = []
+    reader = CellReader(catalog, cfg.data.read_threads)
+    module.cell_reader = reader
+    module.eval()
+    loader = prepared_loader(PreparedSlides(catalog, todo), workers if len(todo) > 1 else 0)
+    try:
+        for n, item in enumerate(loader, start=1):
+            i = item["index"]
+            rec = catalog.records[i]
+            processed.append(rec.slide_id)
+            fp = status.slides[rec.slide_id]["fingerprint"]
+            if "error" in item:
+                _fail(status, rec, item["error"], fp, n, len(todo))
+                continue
+            try:
+                start = time.perf_counter()
+                result = _run_model(module, reader, catalog, item, cfg, inference_settings)
+                write_start = time.perf_counter()
+                write_slide_folder(slides_dir / rec.slide_id, result, classes, labels, settings)
+                result.timings["write"] = time.perf_counter() - write_start
+                timings = {k: round(result.timings.get(k, 0.0), 4) for k in TIMING_STEPS}
+                status.set(rec.slide_id, DONE, path=str(rec.path), timings_s=timings)
+                log.info(
+                    "[%d/%d] %s: %s (%.2f s)",
+                    n,
+                    len(todo),
+                    rec.slide_id,
+                    classes[int(np.argmax(result.probs))],
+                    time.perf_counter() - start + sum(item["timings"].values()),
+                )
+            except Exception as err:  # report and skip: the other slides must still get their results
+                _fail(status, rec, describe_error(err), fp, n, len(todo))
+    finally:
+        reader.close()
+        catalog.close()
+
+    _write_tables(out_dir, records, status, classes, labels)
+    return PredictionRun(status, processed)
+
+
+def _fail(status: RunStatus, rec: SlideRecord, reason: str, fp: Any, n: int, total: int) -> None:
+    log.error("[%d/%d] %s failed: %s", n, total, rec.slide_id, reason)
+    status.set(rec.slide_id, FAILED, path=str(rec.path), reason=reason, fingerprint=fp)
+
+
+@torch.no_grad()
+def _run_model(
+    module: AttentionSamplingModule,
+    reader: CellReader,
+    catalog: SlideCatalog,
+    item: dict,
+    cfg: Config,
+    settings: InferenceSettings,
+) -> SlideResult:
+    """One slide through the model; the patch reading time is split from the rest of the forward pass."""
+    i = item["index"]
+    torch.manual_seed(cfg.train.seed)  # a slide's result does not depend on which slides ran before it
+    batch = {
+        "thumbnail": torch.from_numpy(np.ascontiguousarray(item["thumbnail"])).permute(2, 0, 1)[None],
+        "valid": torch.from_numpy(np.asarray(item["valid"], dtype=bool))[None],
+        "shapes": torch.tensor(item["shapes"])[None],
+        "index": torch.tensor([i]),
+    }
+    read_before = reader.seconds
+    start = time.perf_counter()
+    out = module.run(batch, settings.mode, settings.samples)
+    total = time.perf_counter() - start
+    patches = reader.seconds - read_before
+    timings = {step: 0.0 for step in TIMING_STEPS if step != "write"}
+    timings |= dict(item["timings"]) | {"patches": patches, "model": total - patches}
+    rec = catalog.records[i]
+    return SlideResult(
+        slide_id=rec.slide_id,
+        path=str(rec.path),
+        probs=torch.softmax(out.logits.float(), -1)[0].cpu().numpy(),
+        attention=out.attention[0].float().cpu().numpy(),
+        cells=out.cells[0].cpu().numpy(),
+        valid=np.asarray(item["valid"], dtype=bool),
+        grid=catalog.grid(i),
+        overview=item["overview"],
+        tissue=item["tissue"],
+        timings=timings,
+        mpp=catalog.header(i).mpp,
+    )
+
+
+def _write_tables(
+    out_dir: Path, records: Sequence[SlideRecord], status: RunStatus, classes: list[str], labels: list[str]
+) -> None:
+    """predictions.csv and timings.csv over every finished slide of the request, in input order."""
+    with_label = any(r.label for r in records)
+    fields = ["slide_id", "path", *(["label"] if with_label else [])]
+    columns = [*fields, "predicted", *(f"prob_{c}" for c in classes), *(f"attention_{m}" for m in labels)]
+    rows, timing_rows = [], []
+    for rec in records:
+        if status.slides.get(rec.slide_id, {}).get("status") != DONE:
             continue
-        fields = {"slide_id": rec.slide_id, "path": str(rec.path)}
-        rows.append(prediction_row(fields, result.probs[0], result.magnification_totals()[0], classes, labels))
-        status[rec.slide_id] = {"status": "done", "path": str(rec.path)}
-    catalog.close()
-
-    write_csv(out_dir / "predictions.csv", rows, prediction_columns(["slide_id", "path"], classes, labels))
-    write_json(out_dir / "status.json", {"inference": settings.record(), "slides": status})
-    return status
-
-
-def _write_slide(folder: Path, catalog: SlideCatalog, i: int, result: Inference, labels: list[str], title: str) -> None:
-    """attention.npz (one map per magnification, plus the cells read) and overlay.png for one slide."""
-    maps = result.maps(0)
-    grid = catalog.grid(i)
-    save_attention_npz(folder / "attention.npz", dict(zip(labels, maps, strict=True)), cells=result.cells[0])
-    reader = catalog.reader(i)
-    w, h = reader.dimensions
-    scale = OVERLAY_SIDE / max(w, h)
-    thumb = reader.thumbnail((max(1, round(w * scale)), max(1, round(h * scale))))
-    extents = [(g.patch_size * g.downsample * scale,) * 2 for g in grid.grids]
-    sampled = [[] for _ in labels]
-    for c in np.unique(result.cells[0]):
-        m, r, col = grid.cell(int(c))
-        sampled[m].append((r, col))
-    attention_overlay(thumb, maps, labels, extents, folder / "overlay.png", title=title, sampled=sampled)
+        try:
+            info = json.loads((out_dir / "slides" / rec.slide_id / PREDICTION_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        row: dict[str, Any] = {"slide_id": rec.slide_id, "path": str(rec.path), "predicted": info["predicted"]}
+        if with_label:
+            row["label"] = rec.label or ""
+        row |= {f"prob_{c}": info["probabilities"].get(c) for c in classes}
+        row |= {f"attention_{m}": info["attention_share"].get(m) for m in labels}
+        rows.append(row)
+        t = status.slides[rec.slide_id].get("timings_s") or info.get("timings_s") or {}
+        timing_rows.append({"slide_id": rec.slide_id, **t, "total": round(sum(t.values()), 4)})
+    write_csv(out_dir / "predictions.csv", rows, columns)
+    write_csv(out_dir / "timings.csv", timing_rows, ["slide_id", *TIMING_STEPS, "total"])

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from loupe.config import Config, dump_config
 from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
 from loupe.data.manifest import Manifest, load_manifest, save_manifest
-from loupe.data.splits import assign_splits
+from loupe.data.splits import assign_splits, group_kfold
 from loupe.errors import ConfigError
 from loupe.models import build_model
 from loupe.reports.io import write_text
@@ -29,11 +29,24 @@ def prepare_manifest(cfg: Config) -> Manifest:
     if not cfg.data.manifest:
         raise ConfigError("no manifest given: set data.manifest in the config or pass --data.manifest FILE.csv")
     manifest = load_manifest(cfg.data.manifest, cfg.data.classes)
+    if cfg.data.folds is not None:
+        manifest = fold_splits(manifest, cfg.data.folds, cfg.data.fold, cfg.data.val_fraction, cfg.data.split_seed)
     if any(r.split is None for r in manifest.records):
         manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     if len(manifest.classes) < 2:
         raise ConfigError(f"{cfg.data.manifest}: need at least two classes, found {list(manifest.classes)}")
     return manifest
+
+
+def fold_splits(manifest: Manifest, folds: int, fold: int, val_fraction: float, seed: int) -> Manifest:
+    """Cross-validation splits: test = fold ``fold`` of a stratified group k-fold, val drawn (stratified,
+    group-aware) from the other folds, the rest train. The manifest's own split column is ignored."""
+    if not 0 <= fold < folds:
+        raise ConfigError(f"data.fold={fold} must be in [0, {folds}) for data.folds={folds}")
+    test = set(group_kfold(manifest, folds, seed)[fold][1].tolist())
+    records = [dataclasses.replace(r, split="test" if i in test else None) for i, r in enumerate(manifest.records)]
+    test_fraction = len(test) / len(records)
+    return assign_splits(manifest.with_records(records), val_fraction, test_fraction, seed)
 
 
 def train(cfg: Config, out: str | Path) -> Path:
@@ -64,9 +77,7 @@ def train(cfg: Config, out: str | Path) -> Path:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     def loader(indices: list[int], shuffle: bool):
-        ds = ThumbnailDataset(
-            catalog, indices, cfg.model.thumbnail_size, [labels[i] for i in indices], cfg.data.cache_thumbnails
-        )
+        ds = ThumbnailDataset(catalog, indices, [labels[i] for i in indices], cfg.data.cache_thumbnails)
         return make_loader(ds, cfg.data.batch_size, shuffle, cfg.data.num_workers, cfg.train.seed)
 
     train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)

@@ -1,0 +1,114 @@
+"""A per-slide disk cache of derived arrays (thumbnail, overview, tissue mask, slide header).
+
+Each entry is keyed by the slide file's identity (resolved path, size, modification time) and every parameter
+that produced it, hashed together: a changed parameter or a rewritten file gives a new key, so a stale entry is
+never read. Entries are single ``.npz`` files written atomically (temporary file, then rename), so concurrent
+DataLoader workers or an interrupted run cannot leave a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Bump when the content of an entry kind changes meaning, so old entries are ignored.
+CACHE_VERSION = 1
+
+ENV_VAR = "LOUPE_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$LOUPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/loupe``, else ``~/.cache/loupe``."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "loupe"
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What identifies a slide's content cheaply: resolved path, size and mtime (of every file, for a folder)."""
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():  # DICOM: a folder of files
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        return {"path": str(p), "files": stats}
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(kind: str, path: str | Path, params: Mapping[str, Any]) -> str:
+    """The hex key of entry ``kind`` of a slide made with ``params`` (JSON-serialisable values)."""
+    payload = {"version": CACHE_VERSION, "kind": kind, "file": file_identity(path), "params": dict(params)}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class SlideCache:
+    """Keyed ``.npz`` entries under one folder; ``enabled=False`` computes every time and stores nothing."""
+
+    def __init__(self, root: str | Path | None = None, enabled: bool = True) -> None:
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+        self.enabled = enabled
+
+    def _entry(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.npz"
+
+    def _key(self, kind: str, path: str | Path, params: Mapping[str, Any]) -> Path | None:
+        """The entry file, or None when caching is off or the slide cannot be stat'ed (then nothing is cached)."""
+        if not self.enabled:
+            return None
+        try:
+            return self._entry(kind, cache_key(kind, path, params))
+        except OSError:
+            return None
+
+    def load(self, kind: str, path: str | Path, params: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+        """The stored arrays of an entry, or None when absent (or unreadable: it is then recomputed)."""
+        entry = self._key(kind, path, params)
+        if entry is None or not entry.is_file():
+            return None
+        try:
+            with np.load(entry, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError):
+            return None
+
+    def store(self, kind: str, path: str | Path, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Write an entry atomically; a cache that cannot be written is skipped, never fatal."""
+        entry = self._key(kind, path, params)
+        if entry is None:
+            return
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".npz")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+                os.replace(tmp, entry)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError:
+            return
+
+    def get(
+        self,
+        kind: str,
+        path: str | Path,
+        params: Mapping[str, Any],
+        compute: Callable[[], Mapping[str, np.ndarray]],
+    ) -> tuple[dict[str, np.ndarray], bool]:
+        """The entry's arrays and whether they came from the cache; computed and stored on a miss."""
+        hit = self.load(kind, path, params)
+        if hit is not None:
+            return hit, True
+        arrays = {k: np.asarray(v) for k, v in compute().items()}
+        self.store(kind, path, params, arrays)
+        return arrays, False

@@ -1,0 +1,159 @@
+"""One slide's prediction folder, written to a temporary folder and renamed into place (never half-written).
+
+A slide folder holds:
+
+- ``prediction.json``: predicted class, class probabilities, attention share per magnification, the cells read,
+  the inference settings and the per-step wall times;
+- ``attention.npz``: one attention map per magnification (rows × cols, by label), the valid-cell maps
+  (``valid_<label>``) and the flat indices of the cells read (``cells``);
+- ``attention.geojson``: the attended cells as QuPath-importable polygons in level-0 pixel coordinates;
+- ``overlay.png``: overview plus one heatmap panel per magnification on a shared scale;
+- ``heatmap_<label>.png``: each magnification's heatmap alone over the overview, at the overview's resolution;
+- ``tissue.png`` (when tissue detection is on): the overview with the background dimmed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loupe.reports import attention_overlay, heatmap_image, save_attention_npz, save_png, write_json
+from loupe.reports.geojson import write_attention_geojson
+from loupe.slides import SlideGrid
+
+PREDICTION_FILE = "prediction.json"
+
+
+@dataclass
+class SlideResult:
+    """Everything predicted for one slide."""
+
+    slide_id: str
+    path: str
+    probs: np.ndarray  # (C,)
+    attention: np.ndarray  # (N,) flat over all cells
+    cells: np.ndarray  # (n,) flat indices of the cells read
+    valid: np.ndarray  # (N,) bool
+    grid: SlideGrid
+    overview: np.ndarray  # (H, W, 3) uint8
+    tissue: np.ndarray | None  # (H, W) bool on the overview, or None when detection is off
+    timings: dict[str, float] = field(default_factory=dict)
+    mpp: float | None = None
+
+    def maps(self, values: np.ndarray | None = None) -> list[np.ndarray]:
+        """A flat per-cell array (default: the attention) as one (rows, cols) map per magnification."""
+        flat = self.attention if values is None else values
+        parts = np.split(flat, np.cumsum([g.n_cells for g in self.grid.grids])[:-1])
+        return [p.reshape(g.shape) for p, g in zip(parts, self.grid.grids, strict=True)]
+
+
+def summary(result: SlideResult, classes: list[str], labels: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``prediction.json``."""
+    mags, rows, cols = result.grid.cells(np.asarray(result.cells, dtype=np.int64))
+    shares = [float(m.sum()) for m in result.maps()]
+    return {
+        "slide_id": result.slide_id,
+        "path": result.path,
+        "predicted": classes[int(np.argmax(result.probs))],
+        "probabilities": {c: float(p) for c, p in zip(classes, result.probs, strict=True)},
+        "attention_share": dict(zip(labels, shares, strict=True)),
+        "cells_read": [
+            {"cell": int(c), "magnification": labels[int(m)], "row": int(r), "col": int(k)}
+            for c, m, r, k in zip(result.cells, mags, rows, cols, strict=True)
+        ],
+        "grid": {lab: list(g.shape) for lab, g in zip(labels, result.grid.grids, strict=True)},
+        "valid_cells": {lab: int(v.sum()) for lab, v in zip(labels, result.maps(result.valid), strict=True)},
+        "dimensions": list(result.grid.dimensions),
+        "mpp": result.mpp,
+        "settings": settings,
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+
+
+def _write_contents(folder: Path, result: SlideResult, labels: list[str], info: dict[str, Any]) -> None:
+    maps = result.maps()
+    valid_maps = result.maps(result.valid)
+    save_attention_npz(
+        folder / "attention.npz",
+        dict(zip(labels, maps, strict=True)),
+        cells=np.asarray(result.cells, dtype=np.int64),
+        **{f"valid_{lab}": v for lab, v in zip(labels, valid_maps, strict=True)},
+    )
+    write_attention_geojson(
+        folder / "attention.geojson",
+        result.grid,
+        result.attention,
+        labels,
+        sampled=np.asarray(result.cells, dtype=np.int64),
+        slide_id=result.slide_id,
+    )
+    h, w = result.overview.shape[:2]
+    sx, sy = w / result.grid.dimensions[0], h / result.grid.dimensions[1]
+    extents = [(g.cell_size0 * sx, g.cell_size0 * sy) for g in result.grid.grids]
+    sampled: list[list[tuple[int, int]]] = [[] for _ in labels]
+    mags, rows, cols = result.grid.cells(np.unique(np.asarray(result.cells, dtype=np.int64)))
+    for m, r, c in zip(mags, rows, cols, strict=True):
+        sampled[int(m)].append((int(r), int(c)))
+    title = f"{result.slide_id}: {info['predicted']}"
+    attention_overlay(result.overview, maps, labels, extents, folder / "overlay.png", title=title, sampled=sampled)
+    for lab, m, extent in zip(labels, maps, extents, strict=True):
+        save_png(folder / f"heatmap_{_safe(lab)}.png", heatmap_image(result.overview, m, extent))
+    if result.tissue is not None:
+        save_png(folder / "tissue.png", _tissue_image(result.overview, result.tissue))
+    write_json(folder / PREDICTION_FILE, info)  # last: its presence marks a complete folder
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+def _tissue_image(overview: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The overview with the background dimmed, so the detected tissue stands out."""
+    out = overview[..., :3].astype(np.float32)
+    if mask.shape != out.shape[:2]:
+        return overview[..., :3].copy()
+    out[~mask] = out[~mask] * 0.35
+    return out.astype(np.uint8)
+
+
+def write_slide_folder(
+    target: str | Path, result: SlideResult, classes: list[str], labels: list[str], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the slide's folder atomically (temporary sibling, then rename); returns the prediction summary.
+
+    An existing folder (``--overwrite``) is replaced only once the new one is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        info = summary(result, classes, labels, settings)
+        _write_contents(tmp, result, labels, info)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def clean_partials(folder: str | Path) -> None:
+    """Remove leftovers of interrupted writes (``.ID.partial-*`` / ``.ID.old-*``) in a slides folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.name.startswith(".") and (".partial-" in entry.name or ".old-" in entry.name):
+            shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""The per-slide disk cache: keyed by file identity and parameters, atomic, never stale."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from loupe.slides.cache import SlideCache, cache_key, default_cache_dir
+
+
+class Counter:
+    def __init__(self, value: float = 1.0) -> None:
+        self.calls = 0
+        self.value = value
+
+    def __call__(self) -> dict[str, np.ndarray]:
+        self.calls += 1
+        return {"a": np.full((2, 3), self.value), "b": np.arange(4)}
+
+
+def _slide(tmp_path: Path, name: str = "s.tif", content: bytes = b"slide") -> Path:
+    p = tmp_path / name
+    p.write_bytes(content)
+    return p
+
+
+def test_a_second_get_reads_the_stored_arrays(tmp_path):
+    cache, slide, compute = SlideCache(tmp_path / "c"), _slide(tmp_path), Counter()
+    first, hit1 = cache.get("thumb", slide, {"size": [4, 4]}, compute)
+    second, hit2 = cache.get("thumb", slide, {"size": [4, 4]}, compute)
+    assert (hit1, hit2, compute.calls) == (False, True, 1)
+    assert np.array_equal(first["a"], second["a"]) and np.array_equal(second["b"], np.arange(4))
+    assert not list((tmp_path / "c").rglob(".tmp-*"))  # no temporary file left behind
+
+
+def test_a_changed_parameter_kind_or_file_makes_a_new_entry(tmp_path):
+    cache, slide, compute = SlideCache(tmp_path / "c"), _slide(tmp_path), Counter()
+    cache.get("thumb", slide, {"size": [4, 4]}, compute)
+    cache.get("thumb", slide, {"size": [4, 5]}, compute)  # parameter
+    cache.get("overview", slide, {"size": [4, 4]}, compute)  # kind
+    assert compute.calls == 3
+    # The same path rewritten (new size and mtime) must not read the old entry.
+    slide.write_bytes(b"another slide, longer")
+    os.utime(slide, ns=(1, 2_000_000_000))
+    _, hit = cache.get("thumb", slide, {"size": [4, 4]}, Counter(7.0))
+    assert not hit
+    again, hit = cache.get("thumb", slide, {"size": [4, 4]}, compute)
+    assert hit and float(again["a"][0, 0]) == 7.0
+
+
+def test_keys_depend_on_the_resolved_path_and_parameter_values(tmp_path, monkeypatch):
+    a, b = _slide(tmp_path, "a.tif"), _slide(tmp_path, "b.tif")
+    assert cache_key("k", a, {"x": 1}) != cache_key("k", b, {"x": 1})
+    assert cache_key("k", a, {"x": 1}) != cache_key("k", a, {"x": 2})
+    assert cache_key("k", a, {"x": 1, "y": 2}) == cache_key("k", a, {"y": 2, "x": 1})
+    monkeypatch.chdir(tmp_path)
+    assert cache_key("k", "a.tif", {"x": 1}) == cache_key("k", a, {"x": 1})
+
+
+def test_a_corrupt_entry_is_recomputed_and_a_disabled_cache_stores_nothing(tmp_path):
+    cache, slide, compute = SlideCache(tmp_path / "c"), _slide(tmp_path), Counter()
+    cache.get("thumb", slide, {}, compute)
+    (entry,) = (tmp_path / "c").rglob("*.npz")
+    entry.write_bytes(b"garbage")
+    _, hit = cache.get("thumb", slide, {}, compute)
+    assert not hit and compute.calls == 2
+    off = SlideCache(tmp_path / "off", enabled=False)
+    off.get("thumb", slide, {}, compute)
+    off.get("thumb", slide, {}, compute)
+    assert compute.calls == 4 and not (tmp_path / "off").exists()
+
+
+def test_a_missing_slide_is_computed_without_caching(tmp_path):
+    cache = SlideCache(tmp_path / "c")
+    compute = Counter()
+    _, hit = cache.get("thumb", tmp_path / "gone.svs", {}, compute)
+    assert not hit and compute.calls == 1 and not (tmp_path / "c").exists()
+
+
+def test_folders_are_identified_by_their_files(tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    (folder / "1.dcm").write_bytes(b"x")
+    key = cache_key("k", folder, {})
+    (folder / "2.dcm").write_bytes(b"y")
+    assert cache_key("k", folder, {}) != key
+
+
+def test_default_folder_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOUPE_CACHE_DIR", str(tmp_path / "here"))
+    assert default_cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("LOUPE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "loupe"
