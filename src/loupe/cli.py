@@ -94,7 +94,9 @@ def _predict(args: list[str]) -> int:
     parser = _run_parser("loupe predict")
     parser.add_argument("slides", nargs="+", help="slide files, folders of slides, or manifest CSVs")
     parser.add_argument("--out", required=True, help="output folder (a re-run skips the slides finished there)")
-    parser.add_argument("--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float, default=None)
+    parser.add_argument(
+        "--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float, default=None, help="µm/px of files that record none"
+    )
     parser.add_argument("--overwrite", action="store_true", help="redo slides that are already finished")
     parser.add_argument("--workers", type=int, default=2, help="processes preparing slides ahead of the model")
     parser.add_argument(
@@ -124,7 +126,7 @@ def _info(args: list[str]) -> int:
     parser.add_argument("slides", nargs="+", help="slide files")
     parser.add_argument("--config", default=None, help="a config whose magnifications to place on the slide")
     parser.add_argument("--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float, default=None)
-    parser.add_argument("--backend", default="auto", choices=["auto", "openslide", "image"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     ns = parser.parse_args(args)
     mags, patch = None, None
     if ns.config:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from loupe.data.catalog import SlideCatalog
@@ -38,17 +39,21 @@ def test_grids_follow_the_magnifications(records):
     catalog.close()
 
 
-def test_slide_mpp_override_and_manifest_mpp_column(records):
-    # The files say 0.5 µm/px; a run-wide override of 1.0 doubles every grid side...
+def test_slide_mpp_fills_in_and_the_manifest_mpp_column_overrides(records, tmp_path):
+    # The files say 0.5 µm/px: a run-wide slide_mpp of 1.0 does not replace what a file records...
     catalog = SlideCatalog(records, MAGS, SPEC.patch_size, slide_mpp=1.0)
-    assert catalog.mpp_of(0) == 1.0
-    assert catalog.grid(0).shapes == ((2, 2), (4, 4), (8, 8))
-    # ... and a per-slide manifest mpp wins over the override.
-    own = [replace(records[0], mpp=0.5), *records[1:]]
-    catalog = SlideCatalog(own, MAGS, SPEC.patch_size, slide_mpp=1.0)
-    assert catalog.mpp_of(0) == 0.5 and catalog.mpp_of(1) == 1.0
     assert catalog.grid(0).shapes == ((1, 1), (2, 2), (4, 4))
-    assert catalog.grid(1).shapes == ((2, 2), (4, 4), (8, 8))
+    # ... a per-slide manifest mpp does ...
+    own = [replace(records[0], mpp=1.0), *records[1:]]
+    catalog = SlideCatalog(own, MAGS, SPEC.patch_size, slide_mpp=0.25)
+    assert catalog.mpp_of(0) == {"override": 1.0, "fallback": 0.25}
+    assert catalog.grid(0).shapes == ((2, 2), (4, 4), (8, 8))
+    assert catalog.grid(1).shapes == ((1, 1), (2, 2), (4, 4))
+    # ... and slide_mpp is used by a file without resolution.
+    bare = tmp_path / "bare.png"
+    Image.open(records[0].path).convert("RGB").save(bare)
+    nompp = [replace(records[0], path=bare, slide_id="bare")]
+    assert SlideCatalog(nompp, MAGS, SPEC.patch_size, slide_mpp=1.0).grid(0).shapes == ((2, 2), (4, 4), (8, 8))
 
 
 def test_require_all_lists_every_unusable_slide_in_one_error(records, tmp_path: Path):

@@ -70,10 +70,10 @@ class SlideCatalog:
         self._lock = threading.Lock()
         self._pid = -1
 
-    def mpp_of(self, i: int) -> float | None:
-        """The µm/px to use for slide i: manifest column, else the run-wide override, else the file's."""
-        rec = self.records[i]
-        return rec.mpp if rec.mpp is not None else self.slide_mpp
+    def mpp_of(self, i: int) -> dict[str, float | None]:
+        """How slide i's µm/px is decided: the manifest's mpp column overrides the file; the run-wide
+        ``slide_mpp`` only fills in for a file that records none."""
+        return {"override": self.records[i].mpp, "fallback": self.slide_mpp}
 
     def reader(self, i: int) -> SlideReader:
         """The open reader of slide i in this process (at most ``max_open`` stay open: least recently used
@@ -86,7 +86,11 @@ class SlideCatalog:
             if r is not None:
                 self._readers[i] = r  # most recently used last
                 return r
-        r = open_slide(self.records[i].path, backend=self.backend, mpp=self.mpp_of(i))
+        rec = self.records[i]
+        r = open_slide(rec.path, backend=self.backend, mpp=rec.mpp)
+        if rec.mpp is None and r.file_mpp is None and self.slide_mpp is not None:
+            r.close()
+            r = open_slide(rec.path, backend=self.backend, mpp=self.slide_mpp)
         with self._lock:
             if i in self._readers:  # another thread opened it meanwhile
                 r.close()

@@ -63,8 +63,9 @@ class SlidePreparer:
         self.settings = settings
         self.cache = cache if cache is not None else SlideCache(enabled=False)
 
-    def header(self, path: str | Path, mpp: float | None, open_reader: Callable[[], SlideReader]) -> SlideHeader:
-        """Dimensions and µm/px, from the cache or the opened slide."""
+    def header(self, path: str | Path, mpp: object, open_reader: Callable[[], SlideReader]) -> SlideHeader:
+        """Dimensions and µm/px, from the cache or the opened slide; ``mpp`` describes how the µm/px is chosen
+        (part of the cache key)."""
         params = {"backend": self.settings.backend, "mpp": mpp}
 
         def compute() -> dict[str, np.ndarray]:
