@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from loupe.data.catalog import SlideCatalog
 from loupe.data.manifest import SlideRecord, load_manifest
