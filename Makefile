@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(VENV)/bin/loupe demo --out runs/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: lint
 	$(VENV)/bin/pytest -q

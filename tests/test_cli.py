@@ -140,3 +140,21 @@ def test_info_reports_a_broken_slide_and_still_describes_the_others(loupe, slide
     res = loupe("info", str(broken), str(slides_dir / "cmu-1-small-region.svs"))
     _assert_clean_error(res, "broken.svs")
     assert "cmu-1-small-region.svs" in res.stdout
+
+
+def test_import_bach_writes_a_manifest(loupe, tmp_path: Path):
+    photos = tmp_path / "ICIAR2018_BACH_Challenge" / "Photos"
+    lines = []
+    for cls, prefix in [("Normal", "n"), ("Benign", "b"), ("InSitu", "is"), ("Invasive", "iv")]:
+        (photos / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(photos / cls / f"{prefix}00{i}.tif")
+            lines.append(f"{prefix}00{i}.tif,{cls}")
+    (photos / "microscopy_ground_truth.csv").write_text("\n".join(lines) + "\n")
+    res = loupe("import-bach", str(tmp_path / "ICIAR2018_BACH_Challenge"), "--out", str(tmp_path / "bach.csv"))
+    assert res.returncode == 0, res.stderr
+    assert "8 images" in res.stdout and "0.42" in res.stdout
+    rows = (tmp_path / "bach.csv").read_text().splitlines()
+    assert len(rows) == 9 and "mpp" in rows[0]
+    bad = loupe("import-bach", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.csv"))
+    _assert_clean_error(bad, "nowhere")

@@ -99,12 +99,13 @@ def _predict(args: list[str]) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="redo slides that are already finished")
     parser.add_argument("--workers", type=int, default=2, help="processes preparing slides ahead of the model")
+    parser.add_argument("--k", type=int, default=None, help="patches read per sample (default: the run's k)")
     parser.add_argument(
         "--tissue", type=bool | None, default=None, help="tissue detection on/off (default: the run's setting)"
     )
     ns = parser.parse_args(args)
     run = predict(
-        ns.run, ns.slides, ns.out, ns.inference, ns.samples, ns.slide_mpp, ns.overwrite, ns.workers, ns.tissue
+        ns.run, ns.slides, ns.out, ns.inference, ns.samples, ns.slide_mpp, ns.overwrite, ns.workers, ns.tissue, ns.k
     )
     counts = run.counts()
     total = sum(counts.values())

@@ -224,3 +224,27 @@ def test_build_model_follows_the_config():
     assert len(model.attention.heads) == 2 and model.attention.normalisation == "softmax"
     assert model.classifier[1].out_features == 3
     assert model.thumbnail_net is not model.patch_net
+
+
+def test_exhaustive_reads_only_valid_cells():
+    model = _model().eval()
+    valid = torch.zeros(2, N_CELLS, dtype=torch.bool)
+    valid[0, [1, 4, 7]] = True
+    valid[1, [0, 2, 5, 9, 11]] = True
+    reader = RecordingReader()
+    with torch.no_grad():
+        out = model(_thumbs(), SHAPES, reader, valid=valid, mode="exhaustive")
+    (cells,) = reader.calls
+    assert cells.shape == (2, 5)  # the most valid cells of any image, not all N_CELLS
+    assert cells[0].tolist() == [1, 4, 7, 1, 1]  # padded with the first valid cell, weighted 0
+    assert cells[1].tolist() == [0, 2, 5, 9, 11]
+    with torch.no_grad():  # the same as the sum over every cell: padding and background carry no weight
+        full = model(_thumbs(), SHAPES, RecordingReader(), valid=None, mode="exhaustive")
+        probs = out.attention
+        f_all = model.patch_net(RecordingReader()(torch.arange(N_CELLS).expand(2, -1)).flatten(0, 1)).view(
+            2, N_CELLS, -1
+        )
+        pooled = torch.einsum("bn,bnd->bd", probs, f_all)
+        expected = pooled @ model.classifier[1].weight.T + model.classifier[1].bias
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+    assert full.cells.shape == (2, N_CELLS)

@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import small_config
+from loupe.errors import ConfigError
 from loupe.workflows.evaluation import evaluate
 from loupe.workflows.prediction import predict
 from loupe.workflows.training import train
@@ -72,3 +74,20 @@ def test_training_resumes_from_the_last_checkpoint(small_manifest: Path, tmp_pat
     assert second["global_step"] == 2 * first["global_step"]
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()  # the first session's log is kept
     assert (run / "logs" / "version_1" / "metrics.csv").is_file()
+
+
+def test_cross_validation_folds_give_disjoint_test_sets_that_cover_every_slide(small_manifest: Path):
+    from loupe.data.manifest import load_manifest
+    from loupe.workflows.training import fold_splits
+
+    manifest = load_manifest(small_manifest)
+    tests = []
+    for fold in range(3):
+        m = fold_splits(manifest, folds=3, fold=fold, val_fraction=0.2, seed=0)
+        splits = [r.split for r in m.records]
+        assert set(splits) == {"train", "val", "test"}
+        tests.append({r.slide_id for r in m.records if r.split == "test"})
+    assert set().union(*tests) == {r.slide_id for r in manifest.records}
+    assert sum(len(t) for t in tests) == len(manifest.records)
+    with pytest.raises(ConfigError, match="data.fold=3"):
+        fold_splits(manifest, folds=3, fold=3, val_fraction=0.2, seed=0)

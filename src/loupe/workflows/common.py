@@ -12,7 +12,7 @@ from loupe.config import Config, load_config
 from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
 from loupe.data.manifest import SlideRecord
-from loupe.errors import LoupeError
+from loupe.errors import ConfigError, LoupeError
 from loupe.models import build_model
 from loupe.slides import Magnification, parse_magnifications
 from loupe.slides.cache import SlideCache
@@ -117,9 +117,11 @@ class InferenceSettings:
     k: int
 
     @classmethod
-    def resolve(cls, cfg: Config, mode: str | None, samples: int | None) -> InferenceSettings:
-        """The requested mode and sample count, defaulting to the run's."""
-        return cls(mode or cfg.train.inference, samples or cfg.train.inference_samples, cfg.model.k)
+    def resolve(cls, cfg: Config, mode: str | None, samples: int | None, k: int | None = None) -> InferenceSettings:
+        """The requested mode, sample count and patches per sample, defaulting to the run's."""
+        if k is not None and k < 1:
+            raise ConfigError(f"k={k}: at least one patch per sample is needed")
+        return cls(mode or cfg.train.inference, samples or cfg.train.inference_samples, k or cfg.model.k)
 
     def record(self) -> dict:
         """The JSON form: ``samples`` is what was averaged (1 unless mode is ``mean``)."""

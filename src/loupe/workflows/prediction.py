@@ -113,10 +113,12 @@ def predict(
     overwrite: bool = False,
     workers: int = 2,
     tissue: bool | None = None,
+    k: int | None = None,
 ) -> PredictionRun:
     """Predict slides (files, folders, manifest CSVs) into ``out``; see the module docstring for the layout.
 
-    ``tissue`` overrides the run's tissue detection (e.g. on for whole slides with a model trained on crops).
+    ``tissue`` overrides the run's tissue detection (e.g. on for whole slides with a model trained on crops);
+    ``k`` the patches read per sample (the estimator is unbiased for any k; more patches, less variance).
     Finished slides are skipped unless ``overwrite``; slides that failed before are retried only when their
     file or the settings that read them changed.
     """
@@ -133,7 +135,8 @@ def predict(
     catalog = make_catalog(records, cfg)
     classes = list(cfg.data.classes or [])
     labels = [m.label for m in magnifications_of(cfg)]
-    inference_settings = InferenceSettings.resolve(cfg, inference, samples)
+    inference_settings = InferenceSettings.resolve(cfg, inference, samples, k)
+    module.model.k = inference_settings.k
     settings = _settings_record(cfg, inference_settings, ckpt)
 
     clean_partials(slides_dir)
