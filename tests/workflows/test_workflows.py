@@ -89,5 +89,5 @@ def test_cross_validation_folds_give_disjoint_test_sets_that_cover_every_slide(s
         tests.append({r.slide_id for r in m.records if r.split == "test"})
     assert set().union(*tests) == {r.slide_id for r in manifest.records}
     assert sum(len(t) for t in tests) == len(manifest.records)
-    with pytest.raises(ConfigError, match="data.fold=3"):
+    with pytest.raises(ConfigError, match=r"data\.fold=3"):
         fold_splits(manifest, folds=3, fold=3, val_fraction=0.2, seed=0)
