@@ -115,3 +115,38 @@ def test_a_manifest_lists_the_slides_and_its_labels_reach_the_csv(trained_run, s
     assert "not found" in run.status.slides["c"]["reason"]
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     assert [(r["slide_id"], r["label"]) for r in rows] == [("a", "horizontal"), ("b", "vertical")]
+
+
+# Fraction of the 20x cells that hold tissue, by looking at the overviews (tissue.png). The DICOM sample's JPEG
+# frames are YCbCr labelled RGB (a known bfconvert artefact; OpenSlide decodes them as RGB): its glass comes out
+# salmon, so detection there cannot be judged and only its outputs are checked.
+TISSUE_20X = {
+    "cmu-1-small-region": (0.25, 0.55),
+    "cmu-1-small-region-pyramid": (0.25, 0.55),
+    "cmu-1-small-region-pyramid-generic": (0.25, 0.55),
+    "tcga-cr-7395-01a-01-ts1": (0.45, 0.85),
+    "fluorescence-dapi-40x": (0.2, 0.8),
+}
+
+
+def test_every_shared_real_slide_is_predicted_with_tissue_detection(trained_run, slides_dir, tmp_path):
+    # slide_mpp fills in only for the TCGA crop, the one file without µm/px.
+    run = predict(trained_run, [slides_dir], tmp_path / "out", workers=0, tissue=True, slide_mpp=0.5)
+    slides = run.status.slides
+    assert len(slides) == 6 and "dicom-cmu-1-small-region" in slides
+    for slide_id, entry in slides.items():
+        assert entry["status"] == "done", (slide_id, entry.get("reason"))
+        folder = tmp_path / "out" / "slides" / slide_id
+        info = json.loads((folder / "prediction.json").read_text())
+        rows, cols = info["grid"]["20x"]
+        share = info["valid_cells"]["20x"] / (rows * cols)
+        if slide_id in TISSUE_20X:
+            low, high = TISSUE_20X[slide_id]
+            assert low <= share <= high, (slide_id, share)
+        for name in (*OUTPUTS, "tissue.png"):
+            assert (folder / name).is_file(), (slide_id, name)
+        valid = np.load(folder / "attention.npz")["valid_20x"]
+        assert np.all(np.load(folder / "attention.npz")["20x"][~valid] == 0)  # no attention on glass
+    assert json.loads((tmp_path / "out" / "slides" / "cmu-1-small-region" / "prediction.json").read_text())[
+        "mpp"
+    ] == pytest.approx(0.499, abs=1e-3)  # the file's own µm/px, not the fill-in

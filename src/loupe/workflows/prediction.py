@@ -220,7 +220,7 @@ def _run_model(
     i = item["index"]
     torch.manual_seed(cfg.train.seed)  # a slide's result does not depend on which slides ran before it
     batch = {
-        "thumbnail": torch.from_numpy(np.ascontiguousarray(item["thumbnail"])).permute(2, 0, 1)[None],
+        "thumbnail": torch.from_numpy(np.array(item["thumbnail"], copy=True)).permute(2, 0, 1)[None],
         "valid": torch.from_numpy(np.asarray(item["valid"], dtype=bool))[None],
         "shapes": torch.tensor(item["shapes"])[None],
         "index": torch.tensor([i]),
