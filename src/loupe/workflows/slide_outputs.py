@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from loupe.reports import attention_overlay, heatmap_image, save_attention_npz, save_png, write_json
 from loupe.reports.geojson import write_attention_geojson
 from loupe.slides import SlideGrid
 
 PREDICTION_FILE = "prediction.json"
+OVERLAY_SIDE = 1024
 
 
 @dataclass
@@ -93,20 +95,36 @@ def _write_contents(folder: Path, result: SlideResult, labels: list[str], info: 
         sampled=np.asarray(result.cells, dtype=np.int64),
         slide_id=result.slide_id,
     )
-    h, w = result.overview.shape[:2]
-    sx, sy = w / result.grid.dimensions[0], h / result.grid.dimensions[1]
-    extents = [(g.cell_size0 * sx, g.cell_size0 * sy) for g in result.grid.grids]
     sampled: list[list[tuple[int, int]]] = [[] for _ in labels]
     mags, rows, cols = result.grid.cells(np.unique(np.asarray(result.cells, dtype=np.int64)))
     for m, r, c in zip(mags, rows, cols, strict=True):
         sampled[int(m)].append((int(r), int(c)))
     title = f"{result.slide_id}: {info['predicted']}"
-    attention_overlay(result.overview, maps, labels, extents, folder / "overlay.png", title=title, sampled=sampled)
-    for lab, m, extent in zip(labels, maps, extents, strict=True):
+    small = _downscale(result.overview, OVERLAY_SIDE)  # a figure of several panels: no need for full detail
+    attention_overlay(
+        small, maps, labels, _extents(result.grid, small), folder / "overlay.png", title=title, sampled=sampled
+    )
+    for lab, m, extent in zip(labels, maps, _extents(result.grid, result.overview), strict=True):
         save_png(folder / f"heatmap_{_safe(lab)}.png", heatmap_image(result.overview, m, extent))
     if result.tissue is not None:
         save_png(folder / "tissue.png", _tissue_image(result.overview, result.tissue))
     write_json(folder / PREDICTION_FILE, info)  # last: its presence marks a complete folder
+
+
+def _extents(grid: SlideGrid, image: np.ndarray) -> list[tuple[float, float]]:
+    """Each magnification's cell size in pixels of ``image`` (which shows the whole level-0 slide)."""
+    h, w = image.shape[:2]
+    sx, sy = w / grid.dimensions[0], h / grid.dimensions[1]
+    return [(g.cell_size0 * sx, g.cell_size0 * sy) for g in grid.grids]
+
+
+def _downscale(image: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image[..., :3])).resize(size, Image.Resampling.BOX))
 
 
 def _safe(label: str) -> str:
