@@ -187,3 +187,22 @@ def test_entropy_regulariser_ignores_zero_cells_and_has_finite_gradients():
     torch.testing.assert_close(r, torch.tensor([math.log(0.5)]))
     r.sum().backward()
     assert torch.all(torch.isfinite(p.grad))
+
+
+@pytest.mark.parametrize("shapes", [((2, 2), (4, 3), (7, 6)), ((1, 1), (40, 25), (3, 90))])
+def test_logits_equal_the_paper_order_pool_then_convolve(shapes):
+    torch.manual_seed(0)
+    net = AttentionNetwork(in_channels=6, n_magnifications=3).double()
+    for head in net.heads:
+        torch.nn.init.normal_(head.weight)
+        torch.nn.init.normal_(head.bias)
+    features = torch.randn(2, 6, 8, 5, dtype=torch.float64)
+    logits, _ = net(features, shapes)
+    expected = torch.cat(
+        [
+            head(torch.nn.functional.adaptive_avg_pool2d(features, shape)).flatten(1)
+            for head, shape in zip(net.heads, shapes, strict=True)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)

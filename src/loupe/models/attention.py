@@ -55,8 +55,10 @@ class AttentionNetwork(nn.Module):
         logits = []
         log_weights = []
         for head, (rows, cols) in zip(self.heads, shapes, strict=True):
-            pooled = F.adaptive_avg_pool2d(features, (rows, cols))
-            cell_logits = head(pooled).flatten(1)
+            # The 1×1 convolution and the average pool are both linear (and an average keeps the bias), so
+            # convolving first gives the same logits while pooling one channel instead of C: on a whole slide the
+            # finest grid has ~10^6 cells, and pooling C channels to it costs C times the memory.
+            cell_logits = F.adaptive_avg_pool2d(head(features), (rows, cols)).flatten(1)
             logits.append(cell_logits)
             log_weights.append(torch.full((rows * cols,), -math.log(rows * cols), dtype=cell_logits.dtype))
         all_logits = torch.cat(logits, dim=1)

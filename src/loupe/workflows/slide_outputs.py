@@ -30,6 +30,7 @@ from loupe.slides import SlideGrid
 
 PREDICTION_FILE = "prediction.json"
 OVERLAY_SIDE = 1024
+DISPLAY_SIDE = 2048  # heatmap and tissue PNGs; the GeoJSON has the exact cells
 
 
 @dataclass
@@ -104,10 +105,11 @@ def _write_contents(folder: Path, result: SlideResult, labels: list[str], info: 
     attention_overlay(
         small, maps, labels, _extents(result.grid, small), folder / "overlay.png", title=title, sampled=sampled
     )
-    for lab, m, extent in zip(labels, maps, _extents(result.grid, result.overview), strict=True):
-        save_png(folder / f"heatmap_{_safe(lab)}.png", heatmap_image(result.overview, m, extent))
+    display = _downscale(result.overview, DISPLAY_SIDE)
+    for lab, m, extent in zip(labels, maps, _extents(result.grid, display), strict=True):
+        save_png(folder / f"heatmap_{_safe(lab)}.png", heatmap_image(display, m, extent))
     if result.tissue is not None:
-        save_png(folder / "tissue.png", _tissue_image(result.overview, result.tissue))
+        save_png(folder / "tissue.png", _tissue_image(result.overview, result.tissue, DISPLAY_SIDE))
     write_json(folder / PREDICTION_FILE, info)  # last: its presence marks a complete folder
 
 
@@ -131,13 +133,14 @@ def _safe(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
 
 
-def _tissue_image(overview: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _tissue_image(overview: np.ndarray, mask: np.ndarray, max_side: int) -> np.ndarray:
     """The overview with the background dimmed, so the detected tissue stands out."""
-    out = overview[..., :3].astype(np.float32)
-    if mask.shape != out.shape[:2]:
-        return overview[..., :3].copy()
-    out[~mask] = out[~mask] * 0.35
-    return out.astype(np.uint8)
+    image = _downscale(overview, max_side)
+    h, w = image.shape[:2]
+    keep = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
+    out = image[..., :3].copy()
+    out[~keep] = (out[~keep].astype(np.uint16) * 90 // 256).astype(np.uint8)
+    return out
 
 
 def write_slide_folder(
