@@ -150,3 +150,21 @@ def test_every_shared_real_slide_is_predicted_with_tissue_detection(trained_run,
     assert json.loads((tmp_path / "out" / "slides" / "cmu-1-small-region" / "prediction.json").read_text())[
         "mpp"
     ] == pytest.approx(0.499, abs=1e-3)  # the file's own µm/px, not the fill-in
+
+
+def test_a_failed_write_fails_only_its_slide(trained_run, slide_folder, tmp_path, monkeypatch):
+    import loupe.workflows.prediction as prediction
+
+    original = prediction.write_slide_folder
+
+    def flaky(target, result, *args):
+        if result.slide_id == "test_0000":
+            raise OSError("disk full")
+        return original(target, result, *args)
+
+    monkeypatch.setattr(prediction, "write_slide_folder", flaky)
+    run = predict(trained_run, [slide_folder], tmp_path / "out", workers=0)
+    slides = run.status.slides
+    assert slides["test_0000"]["status"] == "failed" and "disk full" in slides["test_0000"]["reason"]
+    assert slides["test_0001"]["status"] == "done"
+    assert not (tmp_path / "out" / "slides" / "test_0000").exists()

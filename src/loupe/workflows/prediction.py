@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,9 @@ def predict(
     module.cell_reader = reader
     module.eval()
     loader = prepared_loader(PreparedSlides(catalog, todo), workers if len(todo) > 1 else 0)
+    # Outputs (figures, GeoJSON) are written by one background thread while the model runs on the next slide;
+    # at most MAX_PENDING_WRITES results wait in memory.
+    writes = _Writes(status, slides_dir, classes, labels, settings, len(todo))
     try:
         for n, item in enumerate(loader, start=1):
             i = item["index"]
@@ -177,29 +181,65 @@ def predict(
                 _fail(status, rec, item["error"], fp, n, len(todo))
                 continue
             try:
-                start = time.perf_counter()
                 result = _run_model(module, reader, catalog, item, cfg, inference_settings)
-                write_start = time.perf_counter()
-                write_slide_folder(slides_dir / rec.slide_id, result, classes, labels, settings)
-                result.timings["write"] = time.perf_counter() - write_start
-                timings = {k: round(result.timings.get(k, 0.0), 4) for k in TIMING_STEPS}
-                status.set(rec.slide_id, DONE, path=str(rec.path), timings_s=timings)
-                log.info(
-                    "[%d/%d] %s: %s (%.2f s)",
-                    n,
-                    len(todo),
-                    rec.slide_id,
-                    classes[int(np.argmax(result.probs))],
-                    time.perf_counter() - start + sum(item["timings"].values()),
-                )
             except Exception as err:  # report and skip: the other slides must still get their results
                 _fail(status, rec, describe_error(err), fp, n, len(todo))
+                continue
+            writes.submit(n, rec, fp, result)
     finally:
+        writes.finish()
         reader.close()
         catalog.close()
 
     _write_tables(out_dir, records, status, classes, labels)
     return PredictionRun(status, processed)
+
+
+MAX_PENDING_WRITES = 2
+
+
+class _Writes:
+    """Slide folders written by one background thread; their outcome is recorded in the status file from the
+    calling thread, in the order the slides finish."""
+
+    def __init__(
+        self, status: RunStatus, slides_dir: Path, classes: list[str], labels: list[str], settings: dict, total: int
+    ) -> None:
+        self.status, self.slides_dir, self.classes, self.labels = status, slides_dir, classes, labels
+        self.settings, self.total = settings, total
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-write")
+        self.pending: list[tuple[Future, int, SlideRecord, Any, SlideResult]] = []
+
+    def _write(self, result: SlideResult) -> SlideResult:
+        start = time.perf_counter()
+        write_slide_folder(self.slides_dir / result.slide_id, result, self.classes, self.labels, self.settings)
+        result.timings["write"] = time.perf_counter() - start
+        return result
+
+    def submit(self, n: int, rec: SlideRecord, fp: Any, result: SlideResult) -> None:
+        self.pending.append((self.pool.submit(self._write, result), n, rec, fp, result))
+        self.settle(block=len(self.pending) > MAX_PENDING_WRITES)
+
+    def settle(self, block: bool = False) -> None:
+        """Record finished writes; with ``block``, wait for the oldest one first."""
+        while self.pending and (block or self.pending[0][0].done()):
+            future, n, rec, fp, result = self.pending.pop(0)
+            block = False
+            try:
+                future.result()
+            except Exception as err:
+                _fail(self.status, rec, describe_error(err), fp, n, self.total)
+                continue
+            timings = {k: round(result.timings.get(k, 0.0), 4) for k in TIMING_STEPS}
+            self.status.set(rec.slide_id, DONE, path=str(rec.path), timings_s=timings)
+            predicted = self.classes[int(np.argmax(result.probs))]
+            log.info("[%d/%d] %s: %s (%.2f s)", n, self.total, rec.slide_id, predicted, sum(timings.values()))
+
+    def finish(self) -> None:
+        """Wait for every write and record it."""
+        while self.pending:
+            self.settle(block=True)
+        self.pool.shutdown(wait=True)
 
 
 def _fail(status: RunStatus, rec: SlideRecord, reason: str, fp: Any, n: int, total: int) -> None:
