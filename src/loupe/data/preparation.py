@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +33,6 @@ class PrepSettings:
     backend: str = "auto"
     tissue: TissueSettings | None = None
     """None: every cell is valid (images that are all tissue, such as BACH)."""
-
-    def _mag_key(self) -> list:
-        return [[m.mpp, m.downsample] for m in self.magnifications]
 
 
 @dataclass
@@ -141,19 +138,3 @@ class SlidePreparer:
                 "(data.tissue: false) for images that are all tissue"
             )
         return arrays["mask"].astype(bool), valid
-
-
-def valid_counts(valid: np.ndarray, grid: SlideGrid) -> list[int]:
-    """Number of valid cells per magnification."""
-    return [int(part.sum()) for part in np.split(valid, np.cumsum([g.n_cells for g in grid.grids])[:-1])]
-
-
-def prep_settings(
-    magnifications: Sequence[Magnification],
-    patch_size: int,
-    thumbnail_size: Sequence[int],
-    backend: str = "auto",
-    tissue: TissueSettings | None = None,
-) -> PrepSettings:
-    """Build :class:`PrepSettings` from plain values."""
-    return PrepSettings(tuple(magnifications), int(patch_size), tuple(int(v) for v in thumbnail_size), backend, tissue)
