@@ -49,8 +49,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The joint spatial and magnification attention-sampling model."""
+    """The model: the joint spatial and magnification attention-sampling model, or a baseline beside it."""
 
+    architecture: Literal["joint", "gated_mil", "streamingclam"] = "joint"
+    """joint: attention sampling over every magnification (the paper; one magnification = the single-magnification
+    baseline); gated_mil: gated-attention MIL over every patch of one magnification (CLAM's head); streamingclam:
+    a streamed CNN trained end to end on the whole image (settings under ``streaming``)."""
     magnifications: list[str] = field(default_factory=lambda: ["2.0", "1.0", "0.5"])
     """µm/px ("0.5"), objective power ("20x", = 10/20 µm/px) or downsample ("ds4") per magnification."""
     magnification_labels: list[str] | None = None
@@ -96,12 +100,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StreamingConfig:
+    """StreamingCLAM (``model.architecture: streamingclam``): the CNN ``model.patch_backbone`` runs over the whole
+    image at ``model.magnifications[0]`` tile by tile; ``model.patch_size`` is one feature-map position in pixels
+    (the trunk's stride × ``local_pool``: 32 for a ResNet). ``data.batch_size`` slides are streamed one at a time
+    and their gradients accumulated into one optimiser step."""
+
+    tile_size: int = 2048
+    """Side of the input tiles streamed through the trunk; memory grows with it, not with the slide."""
+    local_pool: int = 1
+    """Max-pool the feature map by this factor before attention (fewer, larger instances)."""
+    attention_hidden: int = 128
+    attention_dropout: float = 0.25
+    instance_loss: bool = False
+    """CLAM's instance-clustering loss on the most and least attended positions."""
+    instance_k: int = 8
+    """Positions per side (most / least attended) in the instance loss."""
+    instance_weight: float = 0.3
+    """Loss = (1 − w)·bag cross-entropy + w·instance loss (CLAM's 0.7 / 0.3)."""
+    freeze_encoder_epochs: int = 0
+    """Train only the head for this many epochs (no streamed backward), then the whole network."""
+    crop_to_tissue: bool = True
+    """Stream only the bounding box of the tissue (with tissue detection on); the rest is glass."""
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,13 +146,14 @@ def config_parser(prog: str = "loupe train"):
     parser.add_class_arguments(DataConfig, "data")
     parser.add_class_arguments(ModelConfig, "model")
     parser.add_class_arguments(TrainConfig, "train")
+    parser.add_class_arguments(StreamingConfig, "streaming")
     return parser
 
 
 def config_from_namespace(parser, namespace) -> Config:
     """Turn a parsed namespace into a :class:`Config`."""
     init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else parser.instantiate_classes(namespace)
-    return Config(data=init.data, model=init.model, train=init.train)
+    return Config(data=init.data, model=init.model, train=init.train, streaming=init.streaming)
 
 
 def load_config(path: str | Path) -> Config:
