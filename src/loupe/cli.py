@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from loupe.errors import LoupeError
 
-COMMANDS = ("train", "evaluate", "predict", "info", "demo", "import-bach")
+COMMANDS = ("train", "evaluate", "predict", "info", "demo", "import-bach", "bench")
 
 USAGE = """usage: loupe COMMAND [options]
 
@@ -25,6 +25,14 @@ commands:
                                   generate synthetic slides, train, evaluate, predict, report
   import-bach ROOT --out MANIFEST.csv
                                   a manifest of the BACH challenge photos (Normal/Benign/InSitu/Invasive, 0.42 µm/px)
+  bench [--config CONFIG] --out DIR [--quick]
+                                  the paper's speed tables (train s/epoch, inference ms/image: each magnification
+                                  with k and all patches, combined, joint) and a profile: DIR/bench.md, bench.json;
+                                  no --config: generated images of the BACH geometry, tiny backbone
+  bench --accuracy [--config CONFIG] --out DIR
+                                  train and evaluate joint, each single magnification, all patches and gated MIL
+                                  on the same splits (default: the demo dataset): DIR/accuracy.md
+  bench streaming ...             the streaming engine's benchmark (`loupe bench streaming --help`)
 
 `loupe COMMAND --help` lists a command's options.
 """
@@ -199,6 +207,16 @@ def _import_bach(args: list[str]) -> int:
     counts = ", ".join(f"{c} {sum(r.label == c for r in manifest.records)}" for c in manifest.classes)
     print(f"wrote {ns.out}: {len(manifest.records)} images ({counts}) at {ns.mpp} µm/px")
     return 0
+
+
+def _bench(args: list[str]) -> int:
+    if args and args[0] == "streaming":
+        from loupe.bench.streaming import streaming_command
+
+        return streaming_command(args[1:])
+    from loupe.bench import bench_command
+
+    return bench_command(args)
 
 
 if __name__ == "__main__":
