@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -12,6 +13,7 @@ from loupe.config import Config, load_config
 from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
 from loupe.data.manifest import SlideRecord
+from loupe.data.whole_image import WholeImageReader
 from loupe.errors import ConfigError, LoupeError
 from loupe.models import build_model
 from loupe.slides import Magnification, parse_magnifications
@@ -71,7 +73,31 @@ def make_catalog(records: list[SlideRecord] | tuple[SlideRecord, ...], cfg: Conf
     )
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, AttentionSamplingModule, Path]:
+def build_module(cfg: Config, n_classes: int) -> L.LightningModule:
+    """The Lightning module of a run's architecture: attention sampling (joint, gated_mil) or StreamingCLAM."""
+    if cfg.model.architecture == "streamingclam":
+        from loupe.models.streamingclam import build_streamingclam
+        from loupe.training.streaming_module import StreamingCLAMModule
+
+        model = build_streamingclam(cfg.model, cfg.streaming, n_classes)
+        return StreamingCLAMModule(model, cfg.model, cfg.train, cfg.streaming)
+    return AttentionSamplingModule(build_model(cfg.model, n_classes), cfg.model, cfg.train)
+
+
+def attach_reader(module: L.LightningModule, catalog: SlideCatalog, cfg: Config) -> CellReader | WholeImageReader:
+    """Give the module what reads its pixels (sampled cells, or whole images for StreamingCLAM); returns it so
+    that the caller can close it and read its timings."""
+    if cfg.model.architecture == "streamingclam":
+        reader: CellReader | WholeImageReader = WholeImageReader(
+            catalog, cfg.data.read_threads, crop_to_tissue=cfg.streaming.crop_to_tissue and cfg.data.tissue
+        )
+    else:
+        reader = CellReader(catalog, cfg.data.read_threads)
+    module.cell_reader = reader
+    return reader
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, L.LightningModule, Path]:
     """The config and trained module of a run folder (weights loaded with ``weights_only=True``)."""
     paths = RunPaths(Path(run_dir))
     if not paths.config.is_file():
@@ -82,7 +108,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Att
         raise LoupeError(f"no checkpoint in {paths.checkpoints}: train first (`loupe train ... --out {paths.root}`)")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     classes = cfg.data.classes or []
-    module = AttentionSamplingModule(build_model(cfg.model, len(classes)), cfg.model, cfg.train)
+    module = build_module(cfg, len(classes))
     module.load_state_dict(state["state_dict"])
     module.eval()
     return cfg, module, ckpt
@@ -142,7 +168,7 @@ def prediction_columns(fields: list[str], classes: list[str], labels: list[str])
 
 @torch.no_grad()
 def infer(
-    module: AttentionSamplingModule,
+    module: L.LightningModule,
     catalog: SlideCatalog,
     indices: list[int],
     cfg: Config,
@@ -154,8 +180,7 @@ def infer(
     torch.manual_seed(cfg.train.seed)
     dataset = ThumbnailDataset(catalog, indices, cache=False)
     loader = make_loader(dataset, batch_size or cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    reader = CellReader(catalog, cfg.data.read_threads)
-    module.cell_reader = reader
+    reader = attach_reader(module, catalog, cfg)
     module.eval()
     position = {i: n for n, i in enumerate(indices)}
     probs: list = [None] * len(indices)

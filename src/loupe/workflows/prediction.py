@@ -30,7 +30,7 @@ from loupe.errors import ManifestError
 from loupe.reports import write_csv
 from loupe.slides.cache import file_identity
 from loupe.training.module import AttentionSamplingModule
-from loupe.workflows.common import InferenceSettings, load_run, magnifications_of, make_catalog
+from loupe.workflows.common import InferenceSettings, attach_reader, load_run, magnifications_of, make_catalog
 from loupe.workflows.slide_outputs import PREDICTION_FILE, SlideResult, clean_partials, write_slide_folder
 from loupe.workflows.status import DONE, FAILED, PENDING, RunStatus
 
@@ -164,8 +164,7 @@ def predict(
         log.info("%d of %d slides already done or failed with unchanged inputs: skipped", skipped, len(records))
 
     processed = []
-    reader = CellReader(catalog, cfg.data.read_threads)
-    module.cell_reader = reader
+    reader = attach_reader(module, catalog, cfg)
     module.eval()
     loader = prepared_loader(PreparedSlides(catalog, todo), workers if len(todo) > 1 else 0)
     # Outputs (figures, GeoJSON) are written by one background thread while the model runs on the next slide;

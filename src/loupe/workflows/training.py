@@ -12,14 +12,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import CSVLogger
 
 from loupe.config import Config, dump_config
-from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
+from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import Manifest, load_manifest, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
 from loupe.errors import ConfigError
-from loupe.models import build_model
 from loupe.reports.io import write_text
-from loupe.training.module import AttentionSamplingModule
-from loupe.workflows.common import RunPaths, make_catalog
+from loupe.workflows.common import RunPaths, attach_reader, build_module, make_catalog
 
 log = logging.getLogger("loupe")
 
@@ -82,9 +80,8 @@ def train(cfg: Config, out: str | Path) -> Path:
 
     train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)
 
-    module = AttentionSamplingModule(build_model(cfg.model, len(manifest.classes)), cfg.model, cfg.train)
-    reader = CellReader(catalog, cfg.data.read_threads)
-    module.cell_reader = reader
+    module = build_module(cfg, len(manifest.classes))
+    reader = attach_reader(module, catalog, cfg)
     checkpoint = ModelCheckpoint(
         dirpath=paths.checkpoints,
         filename="best",

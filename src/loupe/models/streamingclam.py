@@ -1,0 +1,186 @@
+"""StreamingCLAM (Dooper et al., Medical Image Analysis 2023): a CNN trained end to end on whole images.
+
+The convolutional trunk (a ResNet-34 in the paper) runs over the whole image tile by tile
+(:class:`~loupe.models.streaming.StreamingTrunk`), so memory is bounded by the tile while every gradient is the
+full-image one. Every kept position of the feature map (optionally max-pooled by ``local_pool``) is one instance
+of a gated-attention head (CLAM's); a linear layer classifies the attention-weighted embedding. CLAM's
+instance-clustering loss is an option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loupe.models.backbones import Backbone
+from loupe.models.gated_attention import GatedAttention
+from loupe.models.streaming import StreamingTrunk, freeze_normalisation
+
+
+class _Features(nn.Module):
+    """The backbone's feature extractor (a timm model's ``forward_features``) as a module of its own."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.forward_features(x)
+
+
+@dataclass
+class StreamingOutput:
+    """One image through StreamingCLAM."""
+
+    logits: Tensor  # (1, C)
+    attention: Tensor  # (h, w) gated attention over the head's positions, 0 where not kept
+    features: Tensor  # (h*w, D) instance embeddings, row-major
+    keep: Tensor  # (h*w,) bool: the positions that are instances
+
+
+class StreamingCLAM(nn.Module):
+    """Streamed CNN trunk → (local max-pool) → gated attention over every kept position → linear classifier."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        n_classes: int,
+        tile_size: int,
+        local_pool: int = 1,
+        attention_hidden: int = 128,
+        attention_dropout: float = 0.25,
+        classifier_dropout: float = 0.0,
+        instance_classifiers: bool = False,
+        instance_k: int = 8,
+        k: int = 5,
+    ) -> None:
+        super().__init__()
+        freeze_normalisation(backbone.net)
+        self.register_buffer("mean", backbone.mean.clone(), persistent=False)
+        self.register_buffer("std", backbone.std.clone(), persistent=False)
+        self.stream = StreamingTrunk(_Features(backbone.net), tile_size, preprocess=self.preprocess)
+        self.local_pool = int(local_pool)
+        self.pool = nn.MaxPool2d(self.local_pool, ceil_mode=True) if self.local_pool > 1 else nn.Identity()
+        d = backbone.num_features
+        self.attention = GatedAttention(d, attention_hidden, attention_dropout)
+        self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(d, n_classes))
+        self.instance_classifiers = (
+            nn.ModuleList(nn.Linear(d, 2) for _ in range(n_classes)) if instance_classifiers else None
+        )
+        self.instance_k = instance_k
+        self.k = k
+        """Most attended positions reported as an image's key cells."""
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The convolutional trunk (unstreamed)."""
+        return self.stream.trunk
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Pixels (uint8, or float in [0, 1]) → the trunk's normalised input; pointwise, so it runs per tile."""
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0
+        return (x.to(self.mean.dtype) / scale - self.mean) / self.std
+
+    def set_encoder_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze the trunk (normalisation layers stay frozen either way)."""
+        for p in self.trunk.parameters():
+            p.requires_grad_(trainable)
+        freeze_normalisation(self.trunk)
+
+    def forward(self, image: Tensor, keep: Tensor | None = None, streamed: bool = True) -> StreamingOutput:
+        """Classify one image (1, 3, H, W), uint8 or float in [0, 1].
+
+        ``keep`` (h, w) bool marks the head's positions that are tissue (None: all); tiles of the trunk that
+        feed no kept position are skipped. ``streamed=False`` runs the trunk on the whole image at once (the
+        reference the streamed result equals).
+        """
+        trunk_keep = None
+        if keep is not None and self.local_pool > 1:
+            trunk_keep = keep.repeat_interleave(self.local_pool, 0).repeat_interleave(self.local_pool, 1)
+        elif keep is not None:
+            trunk_keep = keep
+        if streamed:
+            size = self.stream.output_shape(int(image.shape[-2]), int(image.shape[-1]))[1:]
+            mask = None if trunk_keep is None else trunk_keep[: size[0], : size[1]][None, None]
+            fmap = self.stream(image, mask)
+        else:
+            fmap = self.trunk(self.preprocess(image))
+            if trunk_keep is not None:
+                fmap = fmap * trunk_keep[: fmap.shape[-2], : fmap.shape[-1]].to(fmap.dtype)
+        fmap = self.pool(fmap)
+        h, w = fmap.shape[-2:]
+        if keep is None:
+            keep = torch.ones(h, w, dtype=torch.bool, device=fmap.device)
+        elif tuple(keep.shape) != (h, w):
+            raise ValueError(f"keep mask {tuple(keep.shape)} does not match the feature map ({h}, {w})")
+        feats = fmap[0].flatten(1).t()  # (h*w, D)
+        flat_keep = keep.reshape(-1).to(feats.device)
+        pooled, weights = self.attention(feats[None], flat_keep[None])
+        return StreamingOutput(self.classifier(pooled), weights[0].view(h, w), feats, flat_keep)
+
+    def instance_loss(self, out: StreamingOutput, label: int) -> Tensor:
+        """CLAM's instance-clustering loss: for the true class, the k most attended positions are positives and
+        the k least attended negatives; for every other class its k most attended are negatives."""
+        if self.instance_classifiers is None:
+            raise RuntimeError("StreamingCLAM was built without instance classifiers")
+        idx = torch.nonzero(out.keep).squeeze(-1)
+        k = min(self.instance_k, len(idx) // 2)
+        if k < 1:
+            return out.logits.new_zeros(())
+        scores = out.attention.reshape(-1)[idx].detach()
+        order = torch.argsort(scores, descending=True)
+        top, bottom = idx[order[:k]], idx[order[-k:]]
+        losses = []
+        for c, head in enumerate(self.instance_classifiers):
+            if c == label:
+                x = torch.cat([out.features[top], out.features[bottom]])
+                y = torch.cat([torch.ones(k), torch.zeros(k)]).long()
+            else:
+                x, y = out.features[top], torch.zeros(k, dtype=torch.long)
+            losses.append(F.cross_entropy(head(x), y.to(x.device)))
+        return torch.stack(losses).mean()
+
+    def top_cells(self, out: StreamingOutput) -> Tensor:
+        """Flat indices (row-major over the head's positions) of the ``k`` most attended kept positions."""
+        scores = out.attention.reshape(-1).detach().masked_fill(~out.keep, -1.0)
+        k = min(self.k, int(out.keep.sum()))
+        return torch.topk(scores, k).indices if k > 0 else scores.new_zeros(0, dtype=torch.long)
+
+
+def build_streamingclam(model_cfg, streaming_cfg, n_classes: int) -> StreamingCLAM:
+    """StreamingCLAM from a run's ``model`` and ``streaming`` settings; checks that one grid cell
+    (``model.patch_size``) is exactly one position of the head (the trunk's stride × ``local_pool``)."""
+    from loupe.errors import ConfigError
+    from loupe.models.backbones import create_backbone
+
+    if len(model_cfg.magnifications) != 1:
+        raise ConfigError(
+            f"streamingclam reads the whole image at one magnification; model.magnifications has "
+            f'{len(model_cfg.magnifications)}: give one, e.g. ["0.5"]'
+        )
+    backbone = create_backbone(model_cfg.patch_backbone, model_cfg.patch_pretrained)
+    model = StreamingCLAM(
+        backbone,
+        n_classes,
+        tile_size=streaming_cfg.tile_size,
+        local_pool=streaming_cfg.local_pool,
+        attention_hidden=streaming_cfg.attention_hidden,
+        attention_dropout=streaming_cfg.attention_dropout,
+        classifier_dropout=model_cfg.classifier_dropout,
+        instance_classifiers=streaming_cfg.instance_loss,
+        instance_k=streaming_cfg.instance_k,
+        k=model_cfg.k,
+    )
+    probe = 64 * 1024
+    stride = probe // model.stream.output_shape(probe, probe)[1]
+    cell = stride * streaming_cfg.local_pool
+    if model_cfg.patch_size != cell:
+        raise ConfigError(
+            f"model.patch_size={model_cfg.patch_size}: for streamingclam it is one feature-map position in pixels, "
+            f"the trunk's stride ({stride} for {model_cfg.patch_backbone}) × streaming.local_pool "
+            f"({streaming_cfg.local_pool}) = {cell}: set model.patch_size {cell}"
+        )
+    return model
