@@ -1,0 +1,274 @@
+"""Streaming trunks: outputs and every parameter gradient equal the whole-image forward/backward.
+
+The ResNet trunks are timm's ResNet-18/34 with their exact geometry (depths, kernels, strides, paddings) but very few
+channels, so that images large enough for tiles with interior borders on every side (ResNet-34 sees 449 px of
+context) run in float64 on a CPU in seconds. BatchNorm statistics and affine parameters are random, so a tile that
+saw zero padding instead of its neighbours, or a misaligned stride grid, would change the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from loupe.errors import ConfigError
+from loupe.models.streaming import (
+    StreamingTrunk,
+    freeze_normalisation,
+    output_shape,
+    receptive_field,
+    resnet_sequential,
+)
+
+TOL = 1e-9
+
+
+def _trunk(arch: str, seed: int = 0, channels: tuple[int, ...] = (4, 6, 6, 8)) -> nn.Module:
+    """timm ResNet trunk with few channels (the 64-channel 7x7 stem narrowed too), random BatchNorm, frozen."""
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", channels=channels)
+    stem = channels[0]
+    model.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(stem)
+    first = model.layer1[0]
+    first.conv1 = nn.Conv2d(stem, channels[0], 3, padding=1, bias=False)
+    first.downsample = None  # stem width == layer1 width: identity shortcut, as in the real ResNet
+    model = model.double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.3)
+                m.running_mean.normal_(0.0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return freeze_normalisation(model)
+
+
+def _reference(trunk: nn.Module, image: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None):
+    """Ordinary forward/backward; with ``keep`` the output is masked (skipped outputs are zero, no gradient)."""
+    trunk.zero_grad(set_to_none=True)
+    features = getattr(trunk, "forward_features", trunk)
+    out = features(image)
+    if keep is not None:
+        out = out * keep
+    (out * weight).sum().backward()
+    grads = {n: p.grad.clone() for n, p in trunk.named_parameters() if p.requires_grad}
+    trunk.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _streamed(stream: StreamingTrunk, image: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None):
+    stream.trunk.zero_grad(set_to_none=True)
+    out = stream(image, keep)
+    assert out.requires_grad
+    (out * weight).sum().backward()
+    grads = {n: p.grad.clone() for n, p in stream.trunk.named_parameters() if p.requires_grad}
+    stream.trunk.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _assert_exact(ref, streamed) -> None:
+    (out_ref, g_ref), (out, g) = ref, streamed
+    assert out.shape == out_ref.shape
+    assert _rel(out, out_ref) < TOL
+    assert g.keys() == g_ref.keys() and len(g) > 0
+    worst = max(_rel(g[n], g_ref[n]) for n in g_ref)
+    assert worst < TOL, worst
+
+
+def _keep_mask(stream: StreamingTrunk, h: int, w: int, seed: int) -> torch.Tensor:
+    """A random keep mask where some tiles are entirely background and one kept tile is partly background."""
+    _, oh, ow = stream.output_shape(h, w)
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(1, 1, oh, ow, generator=gen) < 0.7
+    tiles = stream.tiles(h, w)
+    for i, tile in enumerate(tiles):
+        if i % 3 == 1:
+            keep[..., tile.out_h, tile.out_w] = False
+    assert any(not keep[..., t.out_h, t.out_w].any() for t in tiles)
+    assert any(keep[..., t.out_h, t.out_w].any() for t in tiles)
+    return keep
+
+
+def _has_interior_borders(stream: StreamingTrunk, h: int, w: int, axes: str = "hw") -> bool:
+    """Whether, along each axis in ``axes``, some crop starts inside the image and some crop stops inside it: those
+    tiles see an artificial border where the whole image has real neighbouring pixels."""
+    tiles = stream.tiles(h, w)
+    ok = True
+    if "h" in axes:
+        ok &= any(t.crop_h.start > 0 for t in tiles) and any(t.crop_h.stop < h for t in tiles)
+    if "w" in axes:
+        ok &= any(t.crop_w.start > 0 for t in tiles) and any(t.crop_w.stop < w for t in tiles)
+    return ok
+
+
+# (arch, tile sizes): one tall and one wide image per trunk (sizes not multiples of 32), long enough along one axis
+# for crops with interior borders on both ends (ResNet-18 sees 217 px of context each side, ResNet-34 449 px).
+CASES = [
+    ("resnet18", (64, 96, 160), [(389, 70, "h"), (75, 357, "w")]),
+    ("resnet34", (96, 160, 224), [(700, 90, "h"), (75, 700, "w")]),
+]
+
+
+@pytest.mark.parametrize(("arch", "tiles", "images"), CASES)
+def test_streamed_outputs_and_gradients_equal_whole_image(arch, tiles, images):
+    trunk = _trunk(arch)
+    torch.manual_seed(1)
+    for height, width, axis in images:
+        image = torch.randn(1, 3, height, width, dtype=torch.float64)
+        c, oh, ow = output_shape(trunk, height, width)
+        weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+        ref = _reference(trunk, image, weight, None)
+        for i, tile in enumerate(tiles):
+            stream = StreamingTrunk(trunk, tile)
+            assert _has_interior_borders(stream, height, width, axis)
+            _assert_exact(ref, _streamed(stream, image, weight, None))
+            keep = _keep_mask(stream, height, width, seed=i)  # skipped background tiles
+            _assert_exact(_reference(trunk, image, weight, keep), _streamed(stream, image, weight, keep))
+
+
+def _shallow(seed: int = 0) -> nn.Sequential:
+    """ResNet-18 up to layer2 (stride 8, 49 px context): interior tiles on small images, for the cheaper checks."""
+    return nn.Sequential(*list(resnet_sequential(_trunk("resnet18", seed)))[:5])
+
+
+@pytest.mark.parametrize("tile", [24, 40, 64])
+@pytest.mark.parametrize(("height", "width"), [(200, 232), (167, 300)])
+def test_shallow_trunk_many_tiles_with_and_without_background(tile, height, width):
+    trunk = _shallow()
+    torch.manual_seed(2)
+    image = torch.randn(1, 3, height, width, dtype=torch.float64)
+    c, oh, ow = output_shape(trunk, height, width)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    stream = StreamingTrunk(trunk, tile)
+    assert _has_interior_borders(stream, height, width)
+    _assert_exact(_reference(trunk, image, weight, None), _streamed(stream, image, weight, None))
+    keep = _keep_mask(stream, height, width, seed=tile)
+    out, grads = _streamed(stream, image, weight, keep)
+    _assert_exact(_reference(trunk, image, weight, keep), (out, grads))
+    assert not out[..., ~keep[0, 0]].any()
+
+
+def test_geometry_is_derived_from_the_network():
+    g18 = receptive_field(_trunk("resnet18"))
+    g34 = receptive_field(_trunk("resnet34"))
+    assert (g18.h.stride, g18.h.align, g18.h.before, g18.h.after) == (32, 32, 217, 217)
+    assert (g34.w.stride, g34.w.align, g34.w.before, g34.w.after) == (32, 32, 449, 449)
+    # Asymmetric kernels and a stride-3 pool: per-axis geometry, alignment = lcm of cumulative strides.
+    net = nn.Sequential(nn.Conv2d(3, 4, (5, 3), stride=(2, 1), padding=(2, 0)), nn.MaxPool2d(3, 3, padding=1))
+    g = receptive_field(net)
+    assert (g.h.stride, g.h.align, g.h.before, g.h.after) == (6, 6, 2 + 1 * 2, 2 + 1 * 2)
+    assert (g.w.stride, g.w.align, g.w.before, g.w.after) == (3, 3, 0 + 1, 2 + 1)
+    assert output_shape(net, 50, 41) == tuple(net(torch.zeros(1, 3, 50, 41)).shape[1:])
+
+
+def test_generic_stack_with_odd_strides_is_exact():
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 5, (5, 3), stride=(2, 1), padding=(2, 0)),
+        nn.GELU(),
+        nn.MaxPool2d(3, 3, padding=1),
+        nn.Conv2d(5, 6, 3, padding=1, dilation=1),
+        nn.AvgPool2d(2, ceil_mode=True),
+        nn.Conv2d(6, 4, 3, padding="same", dilation=2),
+    ).double()
+    image = torch.randn(1, 3, 157, 131, dtype=torch.float64)
+    c, oh, ow = output_shape(net, 157, 131)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    stream = StreamingTrunk(net, 24)  # stride (12, 6): 24 px is 2 × 4 outputs
+    assert _has_interior_borders(stream, 157, 131)
+    _assert_exact(_reference(net, image, weight, None), _streamed(stream, image, weight, None))
+
+
+def test_too_little_context_breaks_equality():
+    """The test can fail: one stride less of context (or a misaligned crop) changes outputs and gradients."""
+    trunk = _shallow()
+    image = torch.randn(1, 3, 200, 232, dtype=torch.float64)
+    c, oh, ow = output_shape(trunk, 200, 232)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    ref = _reference(trunk, image, weight, None)
+    stream = StreamingTrunk(trunk, 40)
+    g = stream.geometry
+    for broken in (
+        dataclasses.replace(g, h=dataclasses.replace(g.h, before=g.h.before - 8, after=g.h.after - 8)),
+        dataclasses.replace(g, w=dataclasses.replace(g.w, align=4)),
+    ):
+        stream.geometry = broken
+        out, grads = _streamed(stream, image, weight, None)
+        worst = max(_rel(grads[n], ref[1][n]) for n in grads)
+        assert max(_rel(out, ref[0]), worst) > 1e-6
+
+
+def test_uint8_image_with_preprocess_equals_float_input():
+    trunk = _shallow()
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+
+    def preprocess(x: torch.Tensor) -> torch.Tensor:
+        return (x.double() / 255 - mean) / std
+
+    image = torch.randint(0, 256, (1, 3, 150, 170), dtype=torch.uint8)
+    c, oh, ow = output_shape(trunk, 150, 170)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    from_uint8 = _streamed(StreamingTrunk(trunk, 32, preprocess=preprocess), image, weight, None)
+    from_float = _streamed(StreamingTrunk(trunk, 32), preprocess(image), weight, None)
+    _assert_exact(from_float, from_uint8)
+    _assert_exact(_reference(trunk, preprocess(image), weight, None), from_uint8)
+
+
+def test_checkpointed_segments_are_exact():
+    trunk = resnet_sequential(_trunk("resnet18"))
+    image = torch.randn(1, 3, 389, 70, dtype=torch.float64)
+    c, oh, ow = output_shape(trunk, 389, 70)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    stream = StreamingTrunk(trunk, 96, checkpoint_segments=True)
+    assert _has_interior_borders(stream, 389, 70, "h")
+    _assert_exact(_reference(trunk, image, weight, None), _streamed(stream, image, weight, None))
+
+
+def test_trainable_or_training_batchnorm_is_a_clear_error():
+    trunk = _shallow()
+    stream = StreamingTrunk(trunk, 32)
+    image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    bn = trunk[0][1]
+    bn.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="freeze_normalisation"):
+        stream(image)
+    freeze_normalisation(trunk)
+    bn.train()
+    with pytest.raises(ConfigError, match="training mode"):
+        stream(image)
+    stream.train()  # the wrapper keeps normalisation frozen whatever train() is asked
+    assert not bn.training and stream.training
+    stream(image)
+
+
+def test_unsupported_layers_and_tile_sizes_are_clear_errors():
+    with pytest.raises(ConfigError, match="GroupNorm"):
+        StreamingTrunk(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4)), 32)
+    with pytest.raises(ConfigError, match="multiple of the trunk's stride"):
+        StreamingTrunk(_shallow(), 20)
+    with pytest.raises(ConfigError, match="training mode"):
+        StreamingTrunk(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5)), 8)
+
+
+def test_frozen_trunk_gives_features_without_graph_and_all_skipped_is_zero():
+    trunk = _shallow()
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    stream = StreamingTrunk(trunk, 32)
+    image = torch.randn(1, 3, 100, 90, dtype=torch.float64)
+    out = stream(image)
+    assert not out.requires_grad
+    assert _rel(out, trunk(image)) < TOL
+    keep = torch.zeros(1, 1, *out.shape[-2:], dtype=torch.bool)
+    skipped = stream(image, keep)
+    assert skipped.shape == out.shape and not skipped.any()
