@@ -1,0 +1,335 @@
+"""`loupe bench streaming`: memory, time and gradient exactness of one streamed training step versus the ordinary one.
+
+One training step = forward and backward of a timm ResNet trunk on an N×N uint8 image (normalised tile by tile),
+then a gated-attention pooling head over every position of the feature map and a logistic loss. Each measured step
+runs in a fresh spawned process, so that peak memories do not contaminate each other: on CPU the peak is the process
+peak RSS (``VmHWM``, reset just before the step, so it is the peak *during* the step, including everything the
+process already holds: torch's own libraries, the model, the image); on GPU it is the allocator peak
+(``torch.cuda.max_memory_allocated``). The gradient difference is measured in a separate process at a size where
+both steps run.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from loupe.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _GatedAttentionHead(nn.Module):
+    """Gated attention (Ilse et al. 2018) over every position of the feature map, then a linear classifier."""
+
+    def __init__(self, channels: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.v = nn.Linear(channels, hidden)
+        self.u = nn.Linear(channels, hidden)
+        self.w = nn.Linear(hidden, 1)
+        self.classifier = nn.Linear(channels, 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        h = features.flatten(2)[0].t()  # (positions, channels), a view of the map
+        a = torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(1), dim=0)
+        return self.classifier(a @ h)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux ``clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _build(arch: str, dtype: torch.dtype, device: str, seed: int) -> tuple[nn.Module, nn.Module]:
+    import timm
+
+    from loupe.models.streaming import freeze_normalisation
+
+    torch.manual_seed(seed)
+    trunk = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
+    freeze_normalisation(trunk)
+    head = _GatedAttentionHead(trunk.num_features)
+    return trunk.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype)
+
+
+def _image(size: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
+
+
+def _preprocess(dtype: torch.dtype):
+    def preprocess(x: Tensor) -> Tensor:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+        return (x.to(dtype) / 255 - mean) / std
+
+    return preprocess
+
+
+def _step(variant: str, trunk: nn.Module, head: nn.Module, image: Tensor, tile: int, dtype: torch.dtype) -> None:
+    """One training step (forward + backward); the feature map is referenced only by the graph, as in training."""
+    from loupe.models.streaming import StreamingTrunk, resnet_sequential
+
+    target = torch.ones(1, dtype=dtype, device=next(head.parameters()).device)
+    if variant == "streamed":
+        stream = StreamingTrunk(resnet_sequential(trunk), tile, _preprocess(dtype), checkpoint_segments=True)
+        loss = nn.functional.binary_cross_entropy_with_logits(head(stream(image)), target)
+    else:
+        x = _preprocess(dtype)(image.to(target.device))
+        loss = nn.functional.binary_cross_entropy_with_logits(head(trunk.forward_features(x)), target)
+        del x
+    loss.backward()
+
+
+def _measure(spec: dict) -> dict:
+    """Child process: build, reset the peak, run one step, report peak memory and time."""
+    dtype = getattr(torch, spec["dtype"])
+    device = spec["device"]
+    trunk, head = _build(spec["arch"], dtype, device, spec["seed"])
+    image = _image(spec["size"], spec["seed"])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _status_kib("VmRSS") * 1024
+        if not _reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): fresh-process peaks would be wrong")
+    start = time.perf_counter()
+    _step(spec["variant"], trunk, head, image, spec["tile"], dtype)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kib("VmHWM") * 1024
+    return {
+        "time_s": time.perf_counter() - start,
+        "peak_mem_bytes": int(peak),
+        "baseline_bytes": int(baseline),
+        "peak_above_baseline_bytes": int(peak - baseline),
+    }
+
+
+def _grad_diff(spec: dict) -> dict:
+    """Child process: both steps at the same size and weights; max over parameters of max|Δg| / max|g_ordinary|."""
+    dtype = getattr(torch, spec["dtype"])
+    trunk, head = _build(spec["arch"], dtype, spec["device"], spec["seed"])
+    image = _image(spec["size"], spec["seed"])
+    params = [p for p in [*trunk.parameters(), *head.parameters()] if p.requires_grad]
+    grads = {}
+    for variant in ("ordinary", "streamed"):
+        for p in params:
+            p.grad = None
+        _step(variant, trunk, head, image, spec["tile"], dtype)
+        grads[variant] = [p.grad.detach().clone() for p in params]
+    worst = 0.0
+    for g_s, g_o in zip(grads["streamed"], grads["ordinary"], strict=True):
+        scale = float(g_o.abs().max())
+        if scale > 0:
+            worst = max(worst, float((g_s - g_o).abs().max()) / scale)
+    return {"max_rel_grad_diff": worst, "parameters_compared": len(params)}
+
+
+def _child(target: str, spec: dict, queue) -> None:
+    try:
+        queue.put({"ok": globals()[target](spec)})
+    except Exception as err:  # reported to the parent; out-of-memory is an expected outcome
+        text = f"{type(err).__name__}: {err}"
+        oom = isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
+        queue.put({"error": text, "oom": oom, "traceback": traceback.format_exc()})
+
+
+def _in_fresh_process(target: str, spec: dict, timeout_s: float | None = None) -> dict:
+    """Run ``target(spec)`` in a spawned process; a crash (e.g. killed by the OOM killer) is reported, not raised."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(target, spec, queue))
+    proc.start()
+    result = None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while result is None:
+        try:
+            result = queue.get(timeout=1.0)
+        except Exception:  # queue.Empty: check the child is alive
+            if not proc.is_alive():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                result = {"error": f"timed out after {timeout_s:.0f} s", "oom": False}
+    proc.join()
+    if result is None:
+        result = {"error": f"process died (exit code {proc.exitcode})", "oom": proc.exitcode == -9}
+    return result
+
+
+def run_streaming_bench(
+    size: int,
+    tile: int,
+    out: Path,
+    arch: str = "resnet34",
+    ordinary_max: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    sizes: list[int] | None = None,
+    grad_size: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Measure one streamed and one ordinary training step at ``size`` (and the streamed one at each of ``sizes``);
+    write ``out/streaming.json`` (``streaming.partial.json`` after each measured step) and return its content.
+
+    The ordinary step is skipped above ``ordinary_max`` and recorded as null when it runs out of memory. The gradient
+    difference is measured at ``grad_size`` (default: the smaller of ``size`` and 2 × ``tile``, at least 1024 when
+    ``size`` allows, so that several tiles with interior borders are compared).
+    """
+    if size <= 0 or tile <= 0:
+        raise ConfigError("--size and --tile must be positive")
+    dtype_name = str(dtype).removeprefix("torch.")
+    all_sizes = sorted({*(sizes or []), size})
+    base = {"arch": arch, "tile": tile, "dtype": dtype_name, "device": device, "seed": seed}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict] = []
+    for n in all_sizes:
+        for variant in ("streamed", "ordinary"):
+            entry = {"variant": variant, "size": n}
+            if variant == "ordinary" and ordinary_max is not None and n > ordinary_max:
+                entry["status"] = f"skipped (above --ordinary-max {ordinary_max})"
+            else:
+                result = _in_fresh_process("_measure", {**base, "variant": variant, "size": n})
+                if "ok" in result:
+                    entry.update(result["ok"], status="ok")
+                else:
+                    entry["status"] = ("out of memory: " if result.get("oom") else "failed: ") + result["error"]
+                    if not result.get("oom"):
+                        raise RuntimeError(
+                            f"{variant} step at {n} failed: {result['error']}\n{result.get('traceback')}"
+                        )
+            runs.append(entry)
+            (out / "streaming.partial.json").write_text(json.dumps({**base, "runs": runs}, indent=2) + "\n")
+
+    def peak(variant: str, n: int) -> int | None:
+        for r in runs:
+            if r["variant"] == variant and r["size"] == n and r["status"] == "ok":
+                return r["peak_mem_bytes"]
+        return None
+
+    def field(variant: str, n: int, key: str):
+        for r in runs:
+            if r["variant"] == variant and r["size"] == n and r["status"] == "ok":
+                return r[key]
+        return None
+
+    if grad_size is None:
+        grad_size = min(size, max(2 * tile, 1024))
+    diff = _in_fresh_process("_grad_diff", {**base, "size": grad_size})
+    if "ok" not in diff:
+        raise RuntimeError(f"gradient comparison at {grad_size} failed: {diff['error']}")
+    ordinary_done = [r for r in runs if r["variant"] == "ordinary" and r["status"] == "ok"]
+    reference = max(ordinary_done, key=lambda r: r["size"]) if ordinary_done else None
+    streamed_peak = peak("streamed", size)
+    result = {
+        "arch": arch,
+        "size": size,
+        "tile": tile,
+        "dtype": dtype_name,
+        "device": device,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "memory_measure": (
+            "CUDA allocator peak (torch.cuda.max_memory_allocated)"
+            if device.startswith("cuda")
+            else "process peak RSS (VmHWM) during the step, each step in a fresh spawned process; includes torch's "
+            "libraries, model and uint8 image held before the step (baseline_bytes)"
+        ),
+        "streamed_options": {"checkpoint_segments": True, "image": "uint8, preprocessed per tile"},
+        "peak_mem_streamed_bytes": streamed_peak,
+        "peak_mem_ordinary_bytes": peak("ordinary", size),
+        "time_streamed_s": field("streamed", size, "time_s"),
+        "time_ordinary_s": field("ordinary", size, "time_s"),
+        "max_rel_grad_diff": diff["ok"]["max_rel_grad_diff"],
+        "grad_diff_size": grad_size,
+        "ordinary_reference": None
+        if reference is None
+        else {
+            "size": reference["size"],
+            "peak_mem_bytes": reference["peak_mem_bytes"],
+            "peak_above_baseline_bytes": reference["peak_above_baseline_bytes"],
+            "time_s": reference["time_s"],
+            "ratio_to_streamed_peak": reference["peak_mem_bytes"] / streamed_peak if streamed_peak else None,
+            "ratio_to_streamed_above_baseline": reference["peak_above_baseline_bytes"]
+            / field("streamed", size, "peak_above_baseline_bytes")
+            if streamed_peak
+            else None,
+        },
+        "streamed_growth": [
+            {k: r.get(k) for k in ("size", "peak_mem_bytes", "peak_above_baseline_bytes", "time_s")}
+            for r in runs
+            if r["variant"] == "streamed" and r["status"] == "ok"
+        ],
+        "runs": runs,
+    }
+    (out / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def streaming_command(argv: list[str]) -> int:
+    """`loupe bench streaming --size N --tile T --out DIR [--arch] [--ordinary-max] [--sizes N1,N2,...]`."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="loupe bench streaming", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, required=True, help="image side N of the measured step (N×N)")
+    parser.add_argument("--tile", type=int, required=True, help="tile side in input pixels (multiple of 32)")
+    parser.add_argument("--out", type=str, required=True, help="folder for streaming.json")
+    parser.add_argument("--arch", type=str, default="resnet34", help="timm ResNet trunk")
+    parser.add_argument("--ordinary-max", type=int, default=None, help="skip the ordinary step above this size")
+    parser.add_argument("--sizes", type=str, default=None, help="comma-separated sizes: streamed memory growth")
+    parser.add_argument("--grad-size", type=int, default=None, help="size of the gradient comparison")
+    parser.add_argument("--dtype", type=str, default="float32", choices=["float32", "float64"])
+    parser.add_argument("--device", type=str, default="cpu")
+    ns = parser.parse_args(argv)
+    sizes = [int(s) for s in ns.sizes.split(",") if s.strip()] if ns.sizes else None
+    result = run_streaming_bench(
+        ns.size,
+        ns.tile,
+        Path(ns.out),
+        arch=ns.arch,
+        ordinary_max=ns.ordinary_max,
+        dtype=getattr(torch, ns.dtype),
+        device=ns.device,
+        sizes=sizes,
+        grad_size=ns.grad_size,
+    )
+    mib = 1 / 2**20
+    for r in result["runs"]:
+        if r["status"] == "ok":
+            print(
+                f"{r['variant']:>8} {r['size']:>6}²: peak {r['peak_mem_bytes'] * mib:8.0f} MiB "
+                f"({r['peak_above_baseline_bytes'] * mib:7.0f} above baseline), {r['time_s']:7.1f} s"
+            )
+        else:
+            print(f"{r['variant']:>8} {r['size']:>6}²: {r['status']}")
+    print(f"max relative gradient difference at {result['grad_diff_size']}²: {result['max_rel_grad_diff']:.2e}")
+    print(f"wrote {Path(ns.out) / 'streaming.json'}")
+    return 0
