@@ -109,4 +109,9 @@ def test_cell_reader_returns_the_pixels_of_each_cell(catalog):
     assert not torch.all(patches[1, 0, :, :, : P // 2] == 1.0)
     # The same cell read twice gives the same patch.
     assert torch.equal(patches[0, 2], patches[0, 4])
+    # Channels-last memory (the backbones' fast layout), and the same patches whatever the number of threads.
+    assert patches.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    one = CellReader(catalog, threads=1)
+    assert torch.equal(one(slides, cells), patches)
+    one.close()
     reader.close()

@@ -155,3 +155,19 @@ def test_one_epoch_with_a_trainer_on_synthetic_slides(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the attention network was trained
     module.cell_reader.close()
     catalog.close()
+
+
+def test_channels_last_switch_changes_the_memory_layout_not_the_outputs():
+    fast, _ = _module()
+    plain, _ = _module(train={"channels_last": False})
+    outs = []
+    for module in (fast, plain):
+        module.eval()
+        with torch.no_grad():
+            outs.append(module.run(_batch(), "topk"))
+    conv = next(m for m in fast.model.patch_net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert fast.model.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    conv = next(m for m in plain.model.patch_net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not plain.model.channels_last and conv.weight.is_contiguous()
+    assert torch.allclose(outs[0].logits, outs[1].logits, atol=1e-5)
+    assert torch.allclose(outs[0].attention, outs[1].attention, atol=1e-6)

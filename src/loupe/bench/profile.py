@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from loupe.bench.speed import Workload, device_of, make_module, train_loader, trainer_for
+from loupe.bench.speed import Workload, device_of, make_module, train_loader, trainer_for, warm_slides
 from loupe.bench.timing import sync
 from loupe.config import Config
 from loupe.data.loading import CellReader
@@ -201,6 +201,7 @@ class _StepProfiler(L.Callback):
 def profile_training_step(cfg: Config, work: Workload, steps: int = 3, warmup: int = 2) -> dict:
     """The parts of a training step of ``cfg``'s joint model, averaged over ``steps`` steps after warm-up."""
     catalog = make_catalog(list(work.records), cfg)
+    warm_slides(catalog, work.train)
     module = make_module(cfg, work.n_classes)
     module.cell_reader = reader = CellReader(catalog, cfg.data.read_threads)
     clock = PartClock(device_of(cfg))
@@ -220,6 +221,7 @@ def profile_training_step(cfg: Config, work: Workload, steps: int = 3, warmup: i
 def profile_inference(cfg: Config, work: Workload, mode: str = "sample", warmup: int = 1) -> dict:
     """The parts of :func:`infer` per image with pooling ``mode``, one timed pass over the test images."""
     catalog = make_catalog(list(work.records), cfg)
+    warm_slides(catalog, work.test)
     module = make_module(cfg, work.n_classes).to(device_of(cfg))
     clock = PartClock(device_of(cfg))
     test = list(work.test)
@@ -230,7 +232,7 @@ def profile_inference(cfg: Config, work: Workload, mode: str = "sample", warmup:
             start = clock.now()
             infer(module, catalog, test, cfg, mode, 1)
             total = clock.now() - start
-        clock.add("patch_reading", module.cell_reader.seconds)  # the reader infer attached, now closed
+            clock.add("patch_reading", module.cell_reader.seconds)  # the reader this infer attached
     finally:
         catalog.close()
     return breakdown(clock.seconds, total, len(test)) | {"unit": "image", "mode": mode, "images": len(test)}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
 
 from loupe.bench.timing import median, sync, timed_repeats
@@ -121,6 +122,15 @@ def trainer_for(cfg: Config, epochs: int, callbacks: Sequence[L.Callback], max_s
     )
 
 
+def warm_slides(catalog: SlideCatalog, indices: Sequence[int]) -> None:
+    """Open each image and read one cell of every magnification: a plain image is decoded whole and resized once
+    per magnification on first use, so that timed repeats measure the steady state, whatever cells warm-up drew."""
+    p = catalog.patch_size
+    for i in indices:
+        grid = catalog.grid(i)
+        catalog.reader(i).read_regions(grid.cell_rects(np.asarray(grid.offsets)), (p, p))
+
+
 def train_loader(cfg: Config, catalog: SlideCatalog, work: Workload):
     """The training loader `loupe train` uses: shape-bucketed, shuffled, thumbnails cached after epoch one."""
     ds = ThumbnailDataset(catalog, work.train, [work.labels[i] for i in work.train], cfg.data.cache_thumbnails)
@@ -130,6 +140,7 @@ def train_loader(cfg: Config, catalog: SlideCatalog, work: Workload):
 def train_epoch_seconds(cfg: Config, work: Workload) -> list[float]:
     """Seconds per training epoch of ``cfg``'s model on the workload's train images, after warm-up epochs."""
     catalog = make_catalog(list(work.records), cfg)
+    warm_slides(catalog, work.train)
     reader = CellReader(catalog, cfg.data.read_threads)
     module = make_module(cfg, work.n_classes)
     module.cell_reader = reader
@@ -145,6 +156,7 @@ def train_epoch_seconds(cfg: Config, work: Workload) -> list[float]:
 def infer_seconds_per_image(cfg: Config, work: Workload, mode: str) -> list[float]:
     """Seconds per image of :func:`infer` with pooling ``mode`` on the workload's test images, after warm-up."""
     catalog = make_catalog(list(work.records), cfg)
+    warm_slides(catalog, work.test)
     module = make_module(cfg, work.n_classes).to(device_of(cfg))
     test = list(work.test)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -175,12 +176,16 @@ def make_loader(
 
 
 class CellReader:
-    """Reads the patches of sampled cells of catalog slides, concurrently (OpenSlide releases the GIL)."""
+    """Reads the patches of sampled cells of catalog slides, off the main thread (OpenSlide and NumPy release the
+    GIL): the batch's cells are split into at most ``threads`` contiguous ranges, each read slide by slide with
+    one batched ``read_regions`` call and converted to float in its worker, so that no Python work is done per
+    patch on the main thread and no thread task is made per patch."""
 
     def __init__(self, catalog: SlideCatalog, threads: int = 8) -> None:
         self.catalog = catalog
         self.patch_size = catalog.patch_size
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="loupe-read")
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="loupe-read")
         self.seconds = 0.0
         """Wall time spent reading patches so far (for timing reports)."""
         self.patches = 0
@@ -197,21 +202,32 @@ class CellReader:
     def _read(self, slide_indices: Sequence[int], cells: Tensor) -> Tensor:
         p = self.patch_size
         cells_np = cells.detach().cpu().numpy()
-        out = np.empty((*cells_np.shape, p, p, 3), dtype=np.uint8)
-        jobs = []
-        for b, i in enumerate(slide_indices):
-            rects = self.catalog.grid(int(i)).cell_rects(cells_np[b])
-            reader = self.catalog.reader(int(i))
-            for j, rect in enumerate(rects):
-                jobs.append(self._pool.submit(_read_into, out, b, j, reader, rect, p))
-        for job in jobs:
-            job.result()
-        patches = torch.from_numpy(out).to(cells.device)
-        return patches.permute(0, 1, 4, 2, 3).float().div_(255.0)
+        b, n = cells_np.shape
+        # Channels-last memory (each pixel's RGB together, as read): no transposing copy, and the layout the
+        # convolutions of the backbones run fastest on (oneDNN on CPU, cuDNN with AMP on GPU).
+        out = torch.empty((b * n, p, p, 3), dtype=torch.float32)
+        if b * n:
+            slides = [int(i) for i in slide_indices]
+            rects = np.concatenate([self.catalog.grid(i).cell_rects(cells_np[r]) for r, i in enumerate(slides)])
+            readers = [self.catalog.reader(i) for i in slides]
+            bounds = np.linspace(0, b * n, min(self.threads, b * n) + 1).round().astype(int)
+            ranges = [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+            if len(ranges) == 1:
+                _read_range(readers, n, rects, out, *ranges[0], p)
+            else:
+                for job in [self._pool.submit(_read_range, readers, n, rects, out, lo, hi, p) for lo, hi in ranges]:
+                    job.result()
+        return out.view(b, n, p, p, 3).permute(0, 1, 4, 2, 3)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
-def _read_into(out: np.ndarray, b: int, j: int, reader, rect: np.ndarray, p: int) -> None:
-    out[b, j] = reader.read_region(float(rect[0]), float(rect[1]), (float(rect[2]), float(rect[3])), (p, p))
+def _read_range(readers: list, n: int, rects: np.ndarray, out: Tensor, lo: int, hi: int, p: int) -> None:
+    """Read flat cells [lo, hi) (slide = index // n) into ``out`` (N, p, p, 3) as float in [0, 1], one call per
+    slide."""
+    while lo < hi:
+        slide = lo // n
+        stop = min(hi, (slide + 1) * n)
+        out[lo:stop].copy_(torch.from_numpy(readers[slide].read_regions(rects[lo:stop], (p, p)))).div_(255.0)
+        lo = stop

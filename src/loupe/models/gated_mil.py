@@ -42,8 +42,7 @@ class GatedAttentionMIL(nn.Module):
         """f on patches (B, n, 3, p, p) → (B, n, D), in chunks so that memory stays bounded."""
         b, n = patches.shape[:2]
         flat = patches.flatten(0, 1)
-        if self.channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
+        flat = flat.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return torch.cat([self.patch_net(chunk) for chunk in flat.split(self.patch_chunk)]).view(b, n, -1)
 
     def forward(

@@ -61,18 +61,21 @@ class JointAttentionSampler(nn.Module):
         self.replace = replace
         self.attention_dropout = attention_dropout
         self.patch_chunk = patch_chunk
+        self.channels_last = False
+        """Feed the backbones channels-last inputs (set together with the parameters' format)."""
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
 
     def attend(
         self, thumbnails: Tensor, shapes: Sequence[tuple[int, int]], valid: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Attention logits and probabilities (B, N) over all cells, from the thumbnails (B, 3, h, w)."""
+        thumbnails = thumbnails.contiguous(memory_format=_memory_format(self.channels_last))
         return self.attention(self.thumbnail_net.feature_map(thumbnails), shapes, valid)
 
     def embed(self, patches: Tensor) -> Tensor:
         """f on patches (B, n, 3, p, p) → (B, n, D), batched in chunks so that memory stays bounded."""
         b, n = patches.shape[:2]
-        flat = patches.flatten(0, 1)
+        flat = patches.flatten(0, 1).contiguous(memory_format=_memory_format(self.channels_last))
         feats = [self.patch_net(chunk) for chunk in flat.split(self.patch_chunk)]
         return torch.cat(feats).view(b, n, -1)
 
@@ -129,6 +132,10 @@ class JointAttentionSampler(nn.Module):
                 estimates.append(expectation_without_replacement(p, f, p_valid))
         pooled = torch.stack(estimates).mean(0)
         return JointOutput(self.classifier(pooled), probs, cells, regulariser)
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def valid_cells(

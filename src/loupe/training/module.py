@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from loupe.config import ModelConfig, TrainConfig
-from loupe.models.joint import JointAttentionSampler, JointOutput, magnification_totals
+from loupe.models.joint import JointOutput, magnification_totals
 from loupe.slides import parse_magnifications
 
 #: Reads cells (B, n) of the batch's slides (catalog indices) → patches (B, n, 3, p, p) in [0, 1].
 BatchCellReader = Callable[[Sequence[int], Tensor], Tensor]
 
+#: Lightning precision settings that mean automatic mixed precision, and the dtype they compute in.
+AMP_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
 
 class AttentionSamplingModule(L.LightningModule):
-    """Cross-entropy + α·Σ P log P; Adam; LR ×factor after ``lr_patience`` epochs without val accuracy gain."""
+    """Cross-entropy + α·Σ P log P; Adam; LR ×factor after ``lr_patience`` epochs without val accuracy gain.
 
-    def __init__(self, model: JointAttentionSampler, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    ``model`` is a :class:`~loupe.models.joint.JointAttentionSampler` or a model with its forward signature and
+    output (gated-attention MIL). The backbones run channels-last (``train.channels_last``), and on a GPU with a
+    mixed ``train.precision`` inference outside the Trainer (evaluate, predict) runs under the same autocast that
+    Lightning applies in training.
+    """
+
+    def __init__(self, model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         super().__init__()
         self.model = model
         self.model_cfg = model_cfg
@@ -33,17 +43,37 @@ class AttentionSamplingModule(L.LightningModule):
         """Forward one batch: thumbnails in, the chosen pooling mode, patches read through ``cell_reader``."""
         if self.cell_reader is None:
             raise RuntimeError("AttentionSamplingModule.cell_reader must be set before running")
-        thumbs = batch["thumbnail"].float().div(255.0)
+        device = self.device
+        self._use_channels_last()
+        thumbs = batch["thumbnail"].to(device, non_blocking=True).float().div_(255.0)
         shapes = _grid_shapes(batch)
         indices = [int(i) for i in batch["index"]]
         reader = self.cell_reader
 
         def read(cells: Tensor) -> Tensor:
-            return reader(indices, cells).to(thumbs.device)
+            patches = reader(indices, cells)
+            if device.type == "cuda":
+                patches = patches.pin_memory()
+            return patches.to(device, non_blocking=True)
 
         valid = batch.get("valid")
-        valid = valid.to(thumbs.device, torch.bool) if valid is not None else None
-        return self.model(thumbs, shapes, read, valid=valid, mode=mode, n_samples=n_samples)
+        valid = valid.to(device, torch.bool) if valid is not None else None
+        with self._autocast(device):
+            return self.model(thumbs, shapes, read, valid=valid, mode=mode, n_samples=n_samples)
+
+    def _autocast(self, device: torch.device):
+        """Autocast for runs outside the Trainer (evaluate, predict) on a GPU with a mixed precision setting."""
+        dtype = AMP_DTYPES.get(str(self.train_cfg.precision))
+        if device.type != "cuda" or dtype is None or torch.is_autocast_enabled("cuda"):
+            return nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _use_channels_last(self) -> None:
+        """Convert the model to channels-last once (with ``train.channels_last``): faster convolutions."""
+        if not getattr(self.train_cfg, "channels_last", False) or getattr(self.model, "channels_last", True):
+            return
+        self.model.to(memory_format=torch.channels_last)
+        self.model.channels_last = True
 
     def _loss(self, out: JointOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
         ce = F.cross_entropy(out.logits, labels)
