@@ -123,6 +123,9 @@ class StreamingConfig:
     """Loss = (1 − w)·bag cross-entropy + w·instance loss (CLAM's 0.7 / 0.3)."""
     freeze_encoder_epochs: int = 0
     """Train only the head for this many epochs (no streamed backward), then the whole network."""
+    calibrate_normalisation: bool | None = None
+    """Before training, set the trunk's (frozen) normalisation statistics from training images; None: only for a
+    randomly initialised trunk (pretrained ones keep theirs)."""
     crop_to_tissue: bool = True
     """Stream only the bounding box of the tissue (with tissue detection on); the rest is glass."""
 

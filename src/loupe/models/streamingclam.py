@@ -9,6 +9,7 @@ instance-clustering loss is an option.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,31 @@ class StreamingCLAM(nn.Module):
         """Pixels (uint8, or float in [0, 1]) → the trunk's normalised input; pointwise, so it runs per tile."""
         scale = 255.0 if x.dtype == torch.uint8 else 1.0
         return (x.to(self.mean.dtype) / scale - self.mean) / self.std
+
+    @torch.no_grad()
+    def calibrate_normalisation(self, images: Iterable[Tensor], max_side: int | None = None) -> int:
+        """Set the trunk's normalisation statistics to their average over ``images`` (1, 3, H, W), then freeze
+        them again; returns the number of images used.
+
+        Streaming needs frozen normalisation; a randomly initialised trunk has identity statistics, so its
+        activations are not normalised at all and it learns slowly, if at all. A pretrained trunk keeps its own
+        statistics. ``max_side`` crops each image (e.g. to the streaming tile) to bound memory.
+        """
+        norms = [m for m in self.trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over every image
+            m.train()
+        n = 0
+        for image in images:
+            crop = image if max_side is None else image[..., :max_side, :max_side]
+            self.trunk(self.preprocess(crop.to(self.mean.device)))
+            n += 1
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        freeze_normalisation(self.trunk)
+        return n
 
     def set_encoder_trainable(self, trainable: bool) -> None:
         """Freeze or unfreeze the trunk (normalisation layers stay frozen either way)."""

@@ -18,6 +18,9 @@ from loupe.models.joint import JointOutput
 from loupe.models.streamingclam import StreamingCLAM, StreamingOutput
 from loupe.slides import parse_magnifications
 
+#: Training images whose average statistics calibrate a randomly initialised trunk's normalisation layers.
+CALIBRATION_IMAGES = 16
+
 
 class StreamingCLAMModule(L.LightningModule):
     """Bag cross-entropy (+ CLAM's instance loss); Adam; LR ×factor after ``lr_patience`` epochs without val
@@ -73,6 +76,24 @@ class StreamingCLAMModule(L.LightningModule):
         return (1 - w) * ce + w * self.model.instance_loss(out, label), ce
 
     # --- training -----------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        calibrate = self.streaming_cfg.calibrate_normalisation
+        if calibrate is None:
+            calibrate = self.model_cfg.patch_pretrained is False
+        if not calibrate or self.global_step > 0:  # a resumed run keeps the statistics in its checkpoint
+            return
+        images = []
+        for batch in self.trainer.train_dataloader:
+            valid = batch.get("valid")
+            for b, i in enumerate(batch["index"].tolist()):
+                v = None if valid is None else valid[b].numpy()
+                images.append(self.cell_reader(int(i), v).image)
+                if len(images) >= CALIBRATION_IMAGES:
+                    break
+            if len(images) >= CALIBRATION_IMAGES:
+                break
+        self.model.calibrate_normalisation(images, max_side=self.streaming_cfg.tile_size)
+
     def on_train_epoch_start(self) -> None:
         self.model.set_encoder_trainable(self.current_epoch >= self.streaming_cfg.freeze_encoder_epochs)
 
