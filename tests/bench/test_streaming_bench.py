@@ -23,5 +23,5 @@ def test_tiny_streaming_bench_writes_measurements(tmp_path):
     assert data["ordinary_reference"]["size"] == 128
     assert [g["size"] for g in data["streamed_growth"]] == [128]
     # 128 px with 64 px tiles: 2 × 2 tiles, compared against the whole-image step in float32.
-    assert data["grad_diff_size"] == 128
+    assert data["grad_diff_size"] == 128 and data["grad_diff_tiles"] == 4
     assert 0 <= data["max_rel_grad_diff"] < 1e-4

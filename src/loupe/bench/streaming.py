@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import platform
 import time
 import traceback
@@ -34,7 +35,7 @@ class _GatedAttentionHead(nn.Module):
         super().__init__()
         self.v = nn.Linear(channels, hidden)
         self.u = nn.Linear(channels, hidden)
-        self.w = nn.Linear(hidden, 1)
+        self.w = nn.Linear(hidden, 1, bias=False)  # a bias would cancel in the softmax: its gradient is pure noise
         self.classifier = nn.Linear(channels, 1)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -148,7 +149,10 @@ def _grad_diff(spec: dict) -> dict:
         scale = float(g_o.abs().max())
         if scale > 0:
             worst = max(worst, float((g_s - g_o).abs().max()) / scale)
-    return {"max_rel_grad_diff": worst, "parameters_compared": len(params)}
+    from loupe.models.streaming import StreamingTrunk, resnet_sequential
+
+    tiles = len(StreamingTrunk(resnet_sequential(trunk), spec["tile"]).tiles(spec["size"], spec["size"]))
+    return {"max_rel_grad_diff": worst, "parameters_compared": len(params), "tiles": tiles}
 
 
 def _child(target: str, spec: dict, queue) -> None:
@@ -160,12 +164,26 @@ def _child(target: str, spec: dict, queue) -> None:
         queue.put({"error": text, "oom": oom, "traceback": traceback.format_exc()})
 
 
+#: glibc settings of the measuring processes: tensors of 128 KiB and more are mmap'ed and returned to the system when
+#: freed, so RSS follows the live tensors instead of what the heap allocator keeps cached (same for both variants).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def _in_fresh_process(target: str, spec: dict, timeout_s: float | None = None) -> dict:
     """Run ``target(spec)`` in a spawned process; a crash (e.g. killed by the OOM killer) is reported, not raised."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(target, spec, queue))
-    proc.start()
+    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+    os.environ.update(MALLOC_ENV)  # inherited by the spawned interpreter at start
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     result = None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while result is None:
@@ -263,6 +281,7 @@ def run_streaming_bench(
             else "process peak RSS (VmHWM) during the step, each step in a fresh spawned process; includes torch's "
             "libraries, model and uint8 image held before the step (baseline_bytes)"
         ),
+        "allocator_env": MALLOC_ENV,
         "streamed_options": {"checkpoint_segments": True, "image": "uint8, preprocessed per tile"},
         "peak_mem_streamed_bytes": streamed_peak,
         "peak_mem_ordinary_bytes": peak("ordinary", size),
@@ -270,6 +289,7 @@ def run_streaming_bench(
         "time_ordinary_s": field("ordinary", size, "time_s"),
         "max_rel_grad_diff": diff["ok"]["max_rel_grad_diff"],
         "grad_diff_size": grad_size,
+        "grad_diff_tiles": diff["ok"]["tiles"],  # 1 would compare the whole image with itself
         "ordinary_reference": None
         if reference is None
         else {
