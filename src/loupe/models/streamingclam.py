@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loupe.errors import ConfigError
 from loupe.models.backbones import Backbone
 from loupe.models.gated_attention import GatedAttention
-from loupe.models.streaming import StreamingTrunk, freeze_normalisation
+from loupe.models.streaming import StreamingTrunk, freeze_normalisation, resnet_sequential
 
 
 class _Features(nn.Module):
@@ -62,7 +63,11 @@ class StreamingCLAM(nn.Module):
         freeze_normalisation(backbone.net)
         self.register_buffer("mean", backbone.mean.clone(), persistent=False)
         self.register_buffer("std", backbone.std.clone(), persistent=False)
-        self.stream = StreamingTrunk(_Features(backbone.net), tile_size, preprocess=self.preprocess)
+        try:  # a ResNet streams as stem + blocks, each a checkpoint segment: a tile keeps one block's activations
+            trunk, segments = resnet_sequential(backbone.net), True
+        except ConfigError:
+            trunk, segments = _Features(backbone.net), False
+        self.stream = StreamingTrunk(trunk, tile_size, preprocess=self.preprocess, checkpoint_segments=segments)
         self.local_pool = int(local_pool)
         self.pool = nn.MaxPool2d(self.local_pool, ceil_mode=True) if self.local_pool > 1 else nn.Identity()
         d = backbone.num_features
@@ -179,7 +184,6 @@ class StreamingCLAM(nn.Module):
 def build_streamingclam(model_cfg, streaming_cfg, n_classes: int) -> StreamingCLAM:
     """StreamingCLAM from a run's ``model`` and ``streaming`` settings; checks that one grid cell
     (``model.patch_size``) is exactly one position of the head (the trunk's stride × ``local_pool``)."""
-    from loupe.errors import ConfigError
     from loupe.models.backbones import create_backbone
 
     if len(model_cfg.magnifications) != 1:
