@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def _cell(table: dict, row: str, col: str, fmt: str) -> str:
     value = table.get(row, {}).get(col)
@@ -54,7 +56,9 @@ def speed_markdown(result: dict) -> str:
         lines += [
             "",
             f"Warning: the machine was busy (1-minute load {load[0]:.1f} at the start, {load[1]:.1f} at the end, "
-            f"{s['cpu_count']} CPUs): other processes share the cores, so these timings are disturbed.",
+            f"{s['cpu_count']} CPUs): other processes share the cores, so these timings are disturbed. PyTorch's CPU "
+            "threads spin while they wait, which hurts the small batches of the k-patch models most; "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (PASSIVE avoids the spinning).",
         ]
     return "\n".join(lines) + "\n"
 
