@@ -111,7 +111,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, L.L
     module = build_module(cfg, len(classes))
     module.load_state_dict(state["state_dict"])
     module.eval()
-    return cfg, module, ckpt
+    return cfg, module.to(inference_device(cfg)), ckpt
+
+
+def inference_device(cfg: Config) -> torch.device:
+    """Where evaluate and predict run the model: the GPU when there is one and the run's accelerator allows it."""
+    wants_gpu = cfg.train.accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
 @dataclass
