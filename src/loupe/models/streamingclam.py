@@ -97,7 +97,7 @@ class StreamingCLAM(nn.Module):
 
         Streaming needs frozen normalisation; a randomly initialised trunk has identity statistics, so its
         activations are not normalised at all and it learns slowly, if at all. A pretrained trunk keeps its own
-        statistics. ``max_side`` crops each image (e.g. to the streaming tile) to bound memory.
+        statistics. ``max_side`` crops each image to its centre (e.g. one streaming tile) to bound memory.
         """
         norms = [m for m in self.trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in norms]
@@ -107,7 +107,11 @@ class StreamingCLAM(nn.Module):
             m.train()
         n = 0
         for image in images:
-            crop = image if max_side is None else image[..., :max_side, :max_side]
+            crop = image
+            if max_side is not None:  # the centre: a slide's tissue box is often glass at its corners
+                y0 = max(0, (image.shape[-2] - max_side) // 2)
+                x0 = max(0, (image.shape[-1] - max_side) // 2)
+                crop = image[..., y0 : y0 + max_side, x0 : x0 + max_side]
             self.trunk(self.preprocess(crop.to(self.mean.device)))
             n += 1
         for m, momentum in zip(norms, momenta, strict=True):
