@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from loupe.models.backbones import Backbone
 from loupe.models.gated_attention import GatedAttention
-from loupe.models.joint import JointOutput, PatchReader, valid_cells
+from loupe.models.joint import JointOutput, PatchReader, embed_patches, valid_cells
 
 
 class GatedAttentionMIL(nn.Module):
@@ -40,10 +40,7 @@ class GatedAttentionMIL(nn.Module):
 
     def embed(self, patches: Tensor) -> Tensor:
         """f on patches (B, n, 3, p, p) → (B, n, D), in chunks so that memory stays bounded."""
-        b, n = patches.shape[:2]
-        flat = patches.flatten(0, 1)
-        flat = flat.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        return torch.cat([self.patch_net(chunk) for chunk in flat.split(self.patch_chunk)]).view(b, n, -1)
+        return embed_patches(self.patch_net, patches, self.patch_chunk, self.channels_last)
 
     def forward(
         self,

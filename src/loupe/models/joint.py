@@ -74,10 +74,7 @@ class JointAttentionSampler(nn.Module):
 
     def embed(self, patches: Tensor) -> Tensor:
         """f on patches (B, n, 3, p, p) → (B, n, D), batched in chunks so that memory stays bounded."""
-        b, n = patches.shape[:2]
-        flat = patches.flatten(0, 1).contiguous(memory_format=_memory_format(self.channels_last))
-        feats = [self.patch_net(chunk) for chunk in flat.split(self.patch_chunk)]
-        return torch.cat(feats).view(b, n, -1)
+        return embed_patches(self.patch_net, patches, self.patch_chunk, self.channels_last)
 
     def forward(
         self,
@@ -136,6 +133,13 @@ class JointAttentionSampler(nn.Module):
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def embed_patches(net: nn.Module, patches: Tensor, chunk: int, channels_last: bool = False) -> Tensor:
+    """``net`` on patches (B, n, 3, p, p) → (B, n, D), ``chunk`` patches per forward so that memory stays bounded."""
+    b, n = patches.shape[:2]
+    flat = patches.flatten(0, 1).contiguous(memory_format=_memory_format(channels_last))
+    return torch.cat([net(c) for c in flat.split(chunk)]).view(b, n, -1)
 
 
 def valid_cells(

@@ -17,6 +17,7 @@ from loupe.data.whole_image import WholeImageReader
 from loupe.models.joint import JointOutput
 from loupe.models.streamingclam import StreamingCLAM, StreamingOutput
 from loupe.slides import parse_magnifications
+from loupe.training.module import adam_with_plateau
 
 #: Training images whose average statistics calibrate a randomly initialised trunk's normalisation layers.
 CALIBRATION_IMAGES = 16
@@ -144,9 +145,4 @@ class StreamingCLAMModule(L.LightningModule):
             sched.step(float(acc))
 
     def configure_optimizers(self):
-        cfg = self.train_cfg
-        opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_acc"}}
+        return adam_with_plateau(self.parameters(), self.train_cfg)  # the scheduler is stepped by hand above
