@@ -9,8 +9,8 @@ import numpy as np
 import openslide
 
 from loupe.errors import SlideError
-from loupe.slides.reader import SlideReader
-from loupe.slides.resample import DS_TOLERANCE, composite_on_white, resample_box
+from loupe.slides.pyramid import PyramidReader
+from loupe.slides.resample import DS_TOLERANCE
 
 
 def _float_property(props: dict[str, str], key: str) -> float | None:
@@ -34,8 +34,8 @@ def resolve_dicom_path(path: Path) -> Path:
     return files[0]
 
 
-class OpenSlideReader(SlideReader):
-    """Reads a slide through OpenSlide; RGBA output is composited on white."""
+class OpenSlideReader(PyramidReader):
+    """Reads a slide through OpenSlide; its RGBA output is composited on white by ``PyramidReader``."""
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         super().__init__(path, mpp)
@@ -59,14 +59,6 @@ class OpenSlideReader(SlideReader):
         self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
 
     @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._level_downsamples
-
-    @property
     def file_mpp(self) -> float | None:
         values = [v for v in (_float_property(self._props, k) for k in ("openslide.mpp-x", "openslide.mpp-y")) if v]
         return sum(values) / len(values) if values else None
@@ -88,7 +80,7 @@ class OpenSlideReader(SlideReader):
         return int(self._slide.get_best_level_for_downsample(downsample * (1.0 + DS_TOLERANCE)))
 
     def _read_level(self, level: int, lx0: int, ly0: int, width: int, height: int) -> np.ndarray:
-        """Pixels (lx0, ly0, width, height) in level coordinates, RGB; outside the image is white."""
+        """Pixels (lx0, ly0, width, height) in level coordinates, RGBA; outside the image is transparent."""
         ds = self._level_downsamples[level]
         try:
             rgba = self._slide.read_region((round(lx0 * ds), round(ly0 * ds)), level, (width, height))
@@ -97,24 +89,7 @@ class OpenSlideReader(SlideReader):
                 f"slide {self.path}: reading level {level} failed ({err}); the file is probably damaged, "
                 "re-export or re-download it"
             ) from None
-        return composite_on_white(np.asarray(rgba))
-
-    def _read_region(self, x: float, y: float, w0: float, h0: float, out_size: tuple[int, int]) -> np.ndarray:
-        ds_wanted = min(w0 / out_size[0], h0 / out_size[1])
-        level = self.best_level(ds_wanted)
-        lds = self._level_downsamples[level]
-        lx, ly, lw, lh = x / lds, y / lds, w0 / lds, h0 / lds
-        lx0, ly0 = math.floor(lx), math.floor(ly)
-        lx1, ly1 = math.ceil(lx + lw - 1e-9), math.ceil(ly + lh - 1e-9)
-        region = self._read_level(level, lx0, ly0, max(lx1 - lx0, 1), max(ly1 - ly0, 1))
-        return resample_box(region, (lx - lx0, ly - ly0, lx - lx0 + lw, ly - ly0 + lh), out_size)
-
-    def thumbnail(self, size: tuple[int, int]) -> np.ndarray:
-        self._check_open()
-        level = self._thumbnail_level(size)
-        w, h = self._level_dimensions[level]
-        region = self._read_level(level, 0, 0, w, h)
-        return resample_box(region, (0.0, 0.0, float(w), float(h)), (int(size[0]), int(size[1])))
+        return np.asarray(rgba)
 
     def close(self) -> None:
         if not self._closed:

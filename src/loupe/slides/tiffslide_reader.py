@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from loupe.errors import ConfigError, SlideError
-from loupe.slides.reader import SlideReader
-from loupe.slides.resample import resample_box, to_rgb8, white
+from loupe.slides.pyramid import PyramidReader
+from loupe.slides.resample import to_rgb8, white
 
 INSTALL_HINT = "pip install 'loupe[tiffslide]'"
 
@@ -43,7 +43,7 @@ def _positive_float(value: Any) -> float | None:
     return f if math.isfinite(f) and f > 0 else None
 
 
-class TiffSlideReader(SlideReader):
+class TiffSlideReader(PyramidReader):
     """Reads a TIFF-based slide (SVS, generic tiled TIFF, NDPI, ...) through tiffslide; no DICOM/MRXS.
 
     Concurrent reads need no lock of ours: tiffslide keeps one zarr store per thread (its fix for corrupt
@@ -83,14 +83,6 @@ class TiffSlideReader(SlideReader):
             self._slide.close()
             raise SlideError(f"slide {self.path}: tiffslide found no image levels; use backend='openslide'")
         self._props = {str(k): str(v) for k, v in props.items() if v is not None and not isinstance(v, dict)}
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._level_downsamples
 
     @property
     def file_mpp(self) -> float | None:
@@ -149,23 +141,6 @@ class TiffSlideReader(SlideReader):
             )
         out[sy0 - ly0 : sy1 - ly0, sx0 - lx0 : sx1 - lx0] = rgb
         return out
-
-    def _read_region(self, x: float, y: float, w0: float, h0: float, out_size: tuple[int, int]) -> np.ndarray:
-        ds_wanted = min(w0 / out_size[0], h0 / out_size[1])
-        level = self.best_level(ds_wanted)
-        lds = self._level_downsamples[level]
-        lx, ly, lw, lh = x / lds, y / lds, w0 / lds, h0 / lds
-        lx0, ly0 = math.floor(lx), math.floor(ly)
-        lx1, ly1 = math.ceil(lx + lw - 1e-9), math.ceil(ly + lh - 1e-9)
-        region = self._read_level(level, lx0, ly0, max(lx1 - lx0, 1), max(ly1 - ly0, 1))
-        return resample_box(region, (lx - lx0, ly - ly0, lx - lx0 + lw, ly - ly0 + lh), out_size)
-
-    def thumbnail(self, size: tuple[int, int]) -> np.ndarray:
-        self._check_open()
-        level = self._thumbnail_level(size)
-        w, h = self._level_dimensions[level]
-        region = self._read_level(level, 0, 0, w, h)
-        return resample_box(region, (0.0, 0.0, float(w), float(h)), (int(size[0]), int(size[1])))
 
     def close(self) -> None:
         with self._lock:
