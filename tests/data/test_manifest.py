@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,17 @@ def test_save_load_round_trip(dataset: Path, tmp_path: Path) -> None:
     out2 = save_manifest(m, tmp_path / "runs" / "r1" / "manifest.csv")
     assert load_manifest(out2, classes=m.classes).records == m.records
     assert not list((tmp_path / "runs" / "r1").glob(".*tmp"))  # no temp file left behind
+
+
+def test_saved_manifest_has_ordinary_permissions(dataset: Path, tmp_path: Path) -> None:
+    """The run's manifest.csv is readable like every other output (it used to be 0600, from mkstemp)."""
+    m = load_manifest(dataset)
+    old = os.umask(0o022)
+    try:
+        out = save_manifest(m, tmp_path / "run" / "manifest.csv")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
 
 
 def test_save_is_atomic_when_writing_fails(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loupe.atomic import atomic_write
 from loupe.errors import LoupeError
 from loupe.reports.io import (
-    _atomic_write,
     save_attention_npz,
     save_png,
     write_csv,
@@ -68,7 +68,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
         raise RuntimeError("disk gone")
 
     with pytest.raises(RuntimeError):
-        _atomic_write(target, crash)
+        atomic_write(target, crash)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.txt"]
 

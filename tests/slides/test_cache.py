@@ -32,7 +32,20 @@ def test_a_second_get_reads_the_stored_arrays(tmp_path):
     second, hit2 = cache.get("thumb", slide, {"size": [4, 4]}, compute)
     assert (hit1, hit2, compute.calls) == (False, True, 1)
     assert np.array_equal(first["a"], second["a"]) and np.array_equal(second["b"], np.arange(4))
-    assert not list((tmp_path / "c").rglob(".tmp-*"))  # no temporary file left behind
+    files = [f for f in (tmp_path / "c").rglob("*") if f.is_file()]
+    assert len(files) == 1 and files[0].suffix == ".npz"  # the entry, and no temporary file left behind
+
+
+def test_an_entry_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    cache, slide, compute = SlideCache(tmp_path / "c"), _slide(tmp_path), Counter()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    arrays, hit = cache.get("thumb", slide, {}, compute)
+    assert not hit and np.array_equal(arrays["b"], np.arange(4))
+    assert not [f for f in (tmp_path / "c").rglob("*") if f.is_file()]  # no entry, no temporary file
 
 
 def test_a_changed_parameter_kind_or_file_makes_a_new_entry(tmp_path):

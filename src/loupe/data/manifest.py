@@ -7,9 +7,9 @@ names the file, the rows (spreadsheet numbering: row 1 is the header) and the fi
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loupe.atomic import write_text
 from loupe.errors import ManifestError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -324,23 +325,16 @@ def save_manifest(manifest: Manifest, path: str | Path) -> Path:
     The class order is not stored: pass ``classes`` to :func:`load_manifest` to restore a non-sorted order.
     """
     target = Path(os.path.abspath(Path(path).expanduser()))
-    target.parent.mkdir(parents=True, exist_ok=True)
     base = target.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=base)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            for r in manifest.records:
-                p = Path(os.path.abspath(r.path))
-                shown = p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p)
-                mpp = "" if r.mpp is None else repr(float(r.mpp))
-                writer.writerow([r.slide_id, shown, r.label or "", r.split or "", mpp, r.group or ""])
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(COLUMNS)
+    for r in manifest.records:
+        p = Path(os.path.abspath(r.path))
+        shown = p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p)
+        mpp = "" if r.mpp is None else repr(float(r.mpp))
+        writer.writerow([r.slide_id, shown, r.label or "", r.split or "", mpp, r.group or ""])
+    return write_text(target, buffer.getvalue())
 
 
 def _is_hidden(path: Path, root: Path) -> bool:

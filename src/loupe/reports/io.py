@@ -1,59 +1,27 @@
-"""Atomic writers for report outputs: a crash or a kill never leaves a half-written file behind.
+"""Report outputs (JSON, CSV, PNG, attention maps), each written atomically through :mod:`loupe.atomic`.
 
-Every writer creates the parent folder, writes to a temporary file in the same folder and then moves it onto
-the target with ``os.replace``, so readers (and a resumed run that skips finished work) only ever see
-complete files.
+A crash or a kill never leaves a half-written file behind: readers (and a resumed run that skips finished work)
+only ever see complete files. ``write_bytes`` and ``write_text`` are re-exported from :mod:`loupe.atomic`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from loupe.atomic import atomic_write, write_bytes, write_text
 from loupe.errors import LoupeError
 
 __all__ = ["save_attention_npz", "save_png", "write_bytes", "write_csv", "write_json", "write_text"]
-
-
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write`` on a temp file beside ``path`` and move it into place; the temp file never survives."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with mode 0o666 honours the umask: ordinary permissions (mkstemp would give 0600).
-    tmp_name = os.fspath(target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    return target
-
-
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write raw bytes atomically (used by the plotting functions for their PNGs)."""
-    return _atomic_write(path, lambda handle: handle.write(data))
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 text atomically."""
-    return write_bytes(path, text.encode("utf-8"))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -123,9 +91,10 @@ def save_attention_npz(
     clash = set(maps) & set(extra_arrays)
     if clash:
         raise LoupeError(f"save_attention_npz: extra array names {sorted(clash)} clash with magnification labels")
-    arrays = {str(label): np.asarray(value) for label, value in maps.items()}
+    # Any, not ndarray: np.savez_compressed's stub would match a dict of arrays against its allow_pickle: bool
+    arrays: dict[str, Any] = {str(label): np.asarray(value) for label, value in maps.items()}
     arrays.update({name: np.asarray(value) for name, value in extra_arrays.items()})
-    return _atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
+    return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:

@@ -2,8 +2,8 @@
 
 Each entry is keyed by the slide file's identity (resolved path, size, modification time) and every parameter
 that produced it, hashed together: a changed parameter or a rewritten file gives a new key, so a stale entry is
-never read. Entries are single ``.npz`` files written atomically (temporary file, then rename), so concurrent
-DataLoader workers or an interrupted run cannot leave a half-written entry behind.
+never read. Entries are single ``.npz`` files written atomically (:mod:`loupe.atomic`: temporary file, then
+rename), so concurrent DataLoader workers or an interrupted run cannot leave a half-written entry behind.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loupe.atomic import atomic_write
 
 #: Bump when the content of an entry kind changes meaning, so old entries are ignored.
 CACHE_VERSION = 1
@@ -85,16 +86,10 @@ class SlideCache:
         entry = self._key(kind, path, params)
         if entry is None:
             return
+        # Any, not ndarray: np.savez's stub would match a dict of arrays against its allow_pickle: bool
+        named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".npz")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
-                os.replace(tmp, entry)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(entry, lambda handle: np.savez(handle, **named))
         except OSError:
             return
 
