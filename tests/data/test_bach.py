@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loupe.data.bach import BACH_CLASSES, BACH_MPP, GROUND_TRUTH_NAME, bach_manifest, import_bach, locate_bach
+from loupe.data.bach import (
+    BACH_CLASSES,
+    BACH_MPP,
+    GROUND_TRUTH_NAME,
+    IMAGE_SUFFIXES,
+    bach_manifest,
+    import_bach,
+    locate_bach,
+)
 from loupe.data.manifest import load_manifest
 from loupe.data.splits import assign_splits
 from loupe.errors import ConfigError, ManifestError
 from loupe.slides import open_slide
+from loupe.slides.formats import TIFF_SUFFIXES
 
 PREFIX = {"Normal": "n", "Benign": "b", "InSitu": "is", "Invasive": "iv"}
 PER_CLASS = 3
@@ -135,6 +144,10 @@ def test_mpp_override_and_validation(bach_root: Path) -> None:
     for bad in (0, -0.42, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="mpp"):
             bach_manifest(bach_root, mpp=bad)
+
+
+def test_photos_are_the_shared_tiff_suffixes() -> None:
+    assert IMAGE_SUFFIXES is TIFF_SUFFIXES  # BACH's photos are TIFFs, whatever else a slide may be
 
 
 def test_hidden_and_non_tiff_files_are_skipped(bach_root: Path) -> None:

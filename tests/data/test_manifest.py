@@ -10,6 +10,7 @@ import pytest
 
 from loupe.data.manifest import Manifest, SlideRecord, load_manifest, manifest_from_paths, save_manifest
 from loupe.errors import LoupeError, ManifestError
+from loupe.slides.formats import DICOM_SUFFIXES, SLIDE_SUFFIXES
 
 
 def touch(path: Path) -> Path:
@@ -284,6 +285,20 @@ def test_manifest_from_paths_over_mixed_folder(tmp_path: Path) -> None:
     ids = [r.slide_id for r in m.records]
     assert ids == ["a", "in_b", "c", "dicom", "img", "nested_b", "s", "x", "single"]
     assert len(set(ids)) == len(ids)
+
+
+def test_manifest_from_paths_finds_every_slide_suffix_and_one_file_per_dicom_folder(tmp_path: Path) -> None:
+    for i, suffix in enumerate(SLIDE_SUFFIXES):
+        folder = tmp_path / f"slide{i:02d}"  # one folder each: JPEGs beside a .vms are its tiles, not slides
+        folder.mkdir()
+        for level in range(3 if suffix in DICOM_SUFFIXES else 1):
+            (folder / f"level{level}{suffix.upper()}").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    found = manifest_from_paths([tmp_path])
+    assert [r.path.suffix.lower() for r in found.records] == list(SLIDE_SUFFIXES)
+    assert [r.slide_id for r in found.records if r.path.suffix.lower() in DICOM_SUFFIXES] == [
+        f"slide{SLIDE_SUFFIXES.index(s):02d}" for s in DICOM_SUFFIXES
+    ]  # a DICOM slide is named after its folder
 
 
 def test_manifest_from_paths_errors_list_all_bad_paths(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from loupe.data.manifest import Manifest, SlideRecord, save_manifest
 from loupe.data.splits import assign_splits
 from loupe.errors import ConfigError, ManifestError
+from loupe.slides.formats import TIFF_SUFFIXES
 
 BACH_CLASSES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
 """The four BACH classes, with the official names, in clinical order."""
@@ -36,8 +37,8 @@ BACH_MPP: float = 0.42
 GROUND_TRUTH_NAME = "microscopy_ground_truth.csv"
 """File name of the official ground-truth CSV (looked for in ``Photos/``, then in the dataset root)."""
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
-"""Suffixes of the images picked up in the class folders (any case); other files are skipped."""
+IMAGE_SUFFIXES: tuple[str, ...] = TIFF_SUFFIXES
+"""Suffixes of the images picked up in the class folders (any case; BACH's photos are TIFFs); others are skipped."""
 
 _LAYOUT = (
     "Expected the BACH part A layout: ICIAR2018_BACH_Challenge/Photos/{Normal,Benign,InSitu,Invasive}/*.tif, "

@@ -19,6 +19,7 @@ import numpy as np
 
 from loupe.atomic import write_text
 from loupe.errors import ManifestError
+from loupe.slides.formats import DICOM_SUFFIXES, SLIDE_SUFFIXES
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 """The allowed values of the ``split`` column."""
@@ -27,22 +28,6 @@ _SPLIT_ALIASES = {"validation": "val", "valid": "val"}
 
 COLUMNS: tuple[str, ...] = ("slide_id", "path", "label", "split", "mpp", "group")
 """Columns a manifest CSV may have; only ``path`` is required (``patient`` is accepted for ``group``)."""
-
-SLIDE_SUFFIXES: tuple[str, ...] = (
-    ".svs",
-    ".ndpi",
-    ".tif",
-    ".tiff",
-    ".mrxs",
-    ".dcm",
-    ".scn",
-    ".bif",
-    ".vms",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
-"""File suffixes that :func:`manifest_from_paths` picks up when it expands a folder."""
 
 _EXPECTED = (
     "Expected a CSV with a header row and columns: path (required), slide_id, label, split (train/val/test), "
@@ -129,7 +114,7 @@ def _rows(rows: Sequence[int]) -> str:
 
 def _default_slide_id(path: Path) -> str:
     """File stem; for a DICOM file (one of many in a slide folder) the folder's name."""
-    if path.suffix.lower() == ".dcm":
+    if path.suffix.lower() in DICOM_SUFFIXES:
         return path.parent.name
     return path.stem if path.suffix else path.name
 
@@ -342,7 +327,7 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def _expand_folder(folder: Path) -> list[Path]:
-    """Slide files under ``folder`` (recursively, sorted): one .dcm per DICOM folder, no .vms tile images."""
+    """Slide files under ``folder`` (recursively, sorted): one DICOM file per folder, no .vms tile images."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -352,7 +337,7 @@ def _expand_folder(folder: Path) -> list[Path]:
         dicom_taken = False
         for n in names:
             suffix = Path(n).suffix.lower()
-            if suffix == ".dcm":
+            if suffix in DICOM_SUFFIXES:
                 if dicom_taken:
                     continue
                 dicom_taken = True
@@ -417,5 +402,5 @@ def _unique_ids(files: Sequence[Path]) -> list[str]:
 
 
 def _default_parent(path: Path) -> str:
-    folder = path.parent.parent if path.suffix.lower() == ".dcm" else path.parent
+    folder = path.parent.parent if path.suffix.lower() in DICOM_SUFFIXES else path.parent
     return folder.name or "root"

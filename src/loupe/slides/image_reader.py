@@ -16,10 +16,10 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from loupe.errors import SlideError
+from loupe.slides.formats import TIFF_SUFFIXES
 from loupe.slides.reader import SlideReader
 from loupe.slides.resample import crop_padded, read_box_from_array, to_rgb8
 
-TIFF_SUFFIXES = (".tif", ".tiff")
 # A resolution coarser than this is a document default (72/96/300 dpi), not a microscope calibration.
 MAX_PLAUSIBLE_MPP = 50.0
 # Resized whole-image copies kept at once (one per magnification in use); the oldest is dropped beyond this.

@@ -9,6 +9,7 @@ import numpy as np
 import openslide
 
 from loupe.errors import SlideError
+from loupe.slides.formats import DICOM_SUFFIXES
 from loupe.slides.pyramid import PyramidReader
 from loupe.slides.resample import DS_TOLERANCE
 
@@ -25,7 +26,7 @@ def resolve_dicom_path(path: Path) -> Path:
     """A folder of DICOM files is opened through any one of its files (OpenSlide finds the series)."""
     if not path.is_dir():
         return path
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".dcm", ".dicom"))
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES)
     if not files:
         raise SlideError(
             f"slide {path} is a folder without DICOM (.dcm) files: pass a slide file, or the folder of a "
