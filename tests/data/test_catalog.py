@@ -13,7 +13,7 @@ from PIL import Image
 from loupe.data.catalog import SlideCatalog
 from loupe.data.manifest import SlideRecord, load_manifest
 from loupe.data.synthetic import SyntheticSpec, generate_dataset, write_tiff
-from loupe.errors import SlideError
+from loupe.errors import LoupeError, SlideError
 
 SPEC = SyntheticSpec(image_size=128, splits={"train": 4, "val": 2, "test": 2})
 MAGS = ("2.0", "1.0", "0.5")
@@ -89,3 +89,10 @@ def test_catalog_pickles_without_open_readers(records):
     assert clone.grid(0).shapes == catalog.grid(0).shapes
     assert np.array_equal(clone.reader(0).read_region(0, 0, (64, 64), (32, 32)), before)
     assert clone.reader(0) is not catalog.reader(0)
+
+
+def test_thumbnail_size_must_be_width_and_height(records):
+    catalog = SlideCatalog(records, MAGS, SPEC.patch_size, thumbnail_size=[48.0, 32])
+    assert catalog.preparer.settings.thumbnail_size == (48, 32)
+    with pytest.raises(LoupeError, match=r"thumbnail_size must be \(width, height\), got \(48, 32, 3\)"):
+        SlideCatalog(records, MAGS, SPEC.patch_size, thumbnail_size=(48, 32, 3))

@@ -211,9 +211,9 @@ def bach_manifest(
             problems.append(f"class folder {layout.class_dirs[cls]} has no {'/'.join(IMAGE_SUFFIXES)} images")
         for p in files:
             by_key[p.stem.lower()].append((cls, p))
-    for files in by_key.values():
-        if len(files) > 1:
-            listing = ", ".join(str(p.relative_to(layout.photos)) for _, p in files)
+    for entries in by_key.values():
+        if len(entries) > 1:
+            listing = ", ".join(str(p.relative_to(layout.photos)) for _, p in entries)
             problems.append(f"image name used more than once: {listing} (slide ids must be unique)")
 
     if layout.ground_truth is not None:

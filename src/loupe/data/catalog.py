@@ -46,10 +46,10 @@ class SlideCatalog:
         self.patch_size = patch_size
         self.backend = backend
         self.slide_mpp = slide_mpp
-        self.preparer = SlidePreparer(
-            PrepSettings(self.magnifications, patch_size, tuple(int(v) for v in thumbnail_size), backend, tissue),
-            cache,
-        )
+        if len(thumbnail_size) != 2:
+            raise LoupeError(f"thumbnail_size must be (width, height), got {tuple(thumbnail_size)!r}")
+        thumb_wh = (int(thumbnail_size[0]), int(thumbnail_size[1]))
+        self.preparer = SlidePreparer(PrepSettings(self.magnifications, patch_size, thumb_wh, backend, tissue), cache)
         self.grids: list[SlideGrid | None] = [None] * len(self.records)
         self._readers: dict[int, SlideReader] = {}
         self.max_open = 256

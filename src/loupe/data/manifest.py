@@ -80,8 +80,16 @@ class Manifest:
     def label_indices(self) -> np.ndarray:
         """Index into :attr:`classes` of each record's label (int64); ManifestError if missing/unknown."""
         index = {c: i for i, c in enumerate(self.classes)}
-        missing = [r.slide_id for r in self.records if r.label is None]
-        unknown = [f"{r.slide_id} ({r.label!r})" for r in self.records if r.label not in (None, *index)]
+        indices: list[int] = []
+        missing: list[str] = []
+        unknown: list[str] = []
+        for r in self.records:
+            if r.label is None:
+                missing.append(r.slide_id)
+            elif r.label not in index:
+                unknown.append(f"{r.slide_id} ({r.label!r})")
+            else:
+                indices.append(index[r.label])
         if missing or unknown:
             parts = []
             if missing:
@@ -92,7 +100,7 @@ class Manifest:
                 f"{_where(self.source)}: cannot index labels; {'; '.join(parts)}. Fill the label column with "
                 f"one of the classes (or add the label to the classes)."
             )
-        return np.array([index[r.label] for r in self.records], dtype=np.int64)
+        return np.array(indices, dtype=np.int64)
 
     def with_records(self, records: Iterable[SlideRecord]) -> Manifest:
         """The same manifest (classes, source) over other records."""

@@ -67,20 +67,24 @@ class SlidePreparer:
 
         def compute() -> dict[str, np.ndarray]:
             r = open_reader()
-            return {"dimensions": np.asarray(r.dimensions, np.int64), "mpp": np.float64(r.mpp or math.nan)}
+            return {"dimensions": np.asarray(r.dimensions, np.int64), "mpp": np.asarray(r.mpp or math.nan, np.float64)}
 
         arrays, _ = self.cache.get("header", path, params, compute)
         value = float(arrays["mpp"])
-        return SlideHeader(tuple(int(v) for v in arrays["dimensions"]), None if math.isnan(value) else value)
+        width, height = (int(v) for v in arrays["dimensions"])
+        return SlideHeader((width, height), None if math.isnan(value) else value)
 
     def grid(self, header: SlideHeader, path: str | Path) -> SlideGrid:
         """The slide's grid at every magnification (no IO: pure geometry)."""
         return build_grid(header.dimensions, header.mpp, self.settings.magnifications, self.settings.patch_size, path)
 
-    def thumbnail(self, path: str | Path, open_reader: Callable[[], SlideReader], timer: Timer | None = None):
+    def thumbnail(
+        self, path: str | Path, open_reader: Callable[[], SlideReader], timer: Timer | None = None
+    ) -> np.ndarray:
         """The model's thumbnail (h, w, 3) uint8 at ``thumbnail_size``."""
         start = time.perf_counter()
-        size = tuple(int(v) for v in self.settings.thumbnail_size)
+        width, height = self.settings.thumbnail_size
+        size = (int(width), int(height))
         params = {"backend": self.settings.backend, "size": size}
         arrays, _ = self.cache.get("thumbnail", path, params, lambda: {"image": open_reader().thumbnail(size)})
         if timer is not None:
@@ -92,7 +96,8 @@ class SlidePreparer:
     ) -> np.ndarray:
         """A larger thumbnail for tissue detection and overlays, fine enough to resolve the finest grid."""
         start = time.perf_counter()
-        size = tuple(int(v) for v in overview_size(grid.dimensions, grid))
+        width, height = overview_size(grid.dimensions, grid)
+        size = (int(width), int(height))
         params = {"backend": self.settings.backend, "size": size}
         arrays, _ = self.cache.get("overview", path, params, lambda: {"image": open_reader().thumbnail(size)})
         if timer is not None:

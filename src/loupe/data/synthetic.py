@@ -64,7 +64,7 @@ class SyntheticSpec:
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     coarse = rng.normal(0.0, 1.0, (8, 8, 3)).astype(np.float32)
     smooth = np.stack(
-        [np.asarray(Image.fromarray(coarse[..., c]).resize((size, size), Image.BICUBIC)) for c in range(3)],
+        [np.asarray(Image.fromarray(coarse[..., c]).resize((size, size), Image.Resampling.BICUBIC)) for c in range(3)],
         -1,
     )
     return _BACKGROUND + 10.0 * smooth + rng.normal(0.0, 4.0, (size, size, 3))

@@ -556,28 +556,29 @@ def make_pyramidal_slide(
         for strip in _in_order(pool, strips(level), 2 * workers):
             yield from (glass if data is None else data for data in strip)
 
-    common = {"dtype": np.uint8, "photometric": "rgb", "compression": "jpeg", "subsampling": (2, 2), "metadata": None}
     with ThreadPoolExecutor(workers) as pool, tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        # every page 8-bit RGB, JPEG with 4:2:0 chroma, without tifffile's JSON description
+        write = partial(
+            tw.write, dtype=np.uint8, photometric="rgb", compression="jpeg", subsampling=(2, 2), metadata=None
+        )
         for level, (lw, lh) in enumerate(dims):
             per_cm = 1e4 / (mpp * (1 << level))
             desc = header + ("" if level == 0 else f" -> {lw}x{lh}") + f" JPEG/RGB Q={quality}" + meta
-            tw.write(
+            write(
                 tiles(level),
                 shape=(lh, lw, 3),
                 tile=(tile, tile),
                 description=desc,
                 resolution=(per_cm, per_cm),
                 resolutionunit="CENTIMETER",
-                **common,
             )
             if level == 0:  # IFD 1: the stripped thumbnail, as in Aperio files
                 thumb = _thumbnail(renderer, width, height)
-                tw.write(
+                write(
                     iter([_jpeg(thumb, 90)]),
                     shape=(thumb.height, thumb.width, 3),
                     rowsperstrip=thumb.height,
                     description=f"{header} -> {thumb.width}x{thumb.height} JPEG/RGB Q=90",
-                    **common,
                 )
     return SyntheticWSI(
         path=path,

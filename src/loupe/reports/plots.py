@@ -32,7 +32,9 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Pa
     return write_bytes(path, buffer.getvalue())
 
 
-def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]):
+def _one_vs_rest(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Validated (one-hot target, probabilities, names)."""
     names = [str(name) for name in class_names]
     y, p = _check_inputs(y_true, probs, names)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def tiff_mpp(page: tifffile.TiffPage) -> float | None:
     return _plausible(sum(values) / len(values)) if values else None
 
 
-def pil_mpp(info: dict[str, Any]) -> float | None:
+def pil_mpp(info: Mapping[Any, Any]) -> float | None:
     """µm/px from a Pillow image's dpi (PNG pHYs, JPEG JFIF density), else None."""
     dpi = info.get("dpi")
     if not dpi:

@@ -41,7 +41,7 @@ def describe_slide(
         if magnifications is None:
             return desc
         mags = tuple(m if isinstance(m, Magnification) else parse_magnifications([m])[0] for m in magnifications)
-        entries = []
+        entries: list[dict[str, Any]] = []
         try:
             for mag in mags:
                 ds = mag.downsample_for(reader.mpp, reader.path)
