@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real slide files beside the project (../shared/data/slides)."""
+"""Test fixtures for the whole suite: the real slide files kept in tests/fixtures/slides."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SLIDES_DIR = PROJECT_ROOT.parent / "shared" / "data" / "slides"
+SLIDES_DIR = Path(__file__).resolve().parent / "fixtures" / "slides"
 
 
 @pytest.fixture(scope="session")
 def slides_dir() -> Path:
     """Folder of small real slide files (SVS, TIFF, DICOM, NDPI); fails loudly if absent."""
-    assert SLIDES_DIR.is_dir(), f"real test slides not found at {SLIDES_DIR}"
+    assert SLIDES_DIR.is_dir(), f"real test slides not found at {SLIDES_DIR} (they are part of the repository)"
     return SLIDES_DIR
 
 
