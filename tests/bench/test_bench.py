@@ -49,6 +49,7 @@ def test_variants_narrow_the_config_to_their_magnifications():
     assert one.model.estimator == "exhaustive"
 
 
+@pytest.mark.slow
 def test_bench_writes_the_table_ratios_and_profile(bench):
     out, result = bench
     saved = json.loads((out / "bench.json").read_text())
@@ -69,6 +70,7 @@ def test_bench_writes_the_table_ratios_and_profile(bench):
     assert "| joint (ours) |" in md and "| combined |" in md and "all patches ÷ joint" in md
 
 
+@pytest.mark.slow
 def test_profile_parts_add_up_to_the_total(bench):
     _, result = bench
     for key in ("train_step", "inference"):
@@ -88,6 +90,7 @@ def _tiny_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_accuracy_mode_trains_every_model_on_the_same_splits(tmp_path: Path):
     config = _tiny_config(tmp_path)
     result = run_accuracy(tmp_path / "acc", config, epochs=1, log=lambda *_: None)
@@ -101,6 +104,7 @@ def test_accuracy_mode_trains_every_model_on_the_same_splits(tmp_path: Path):
     assert "| gated MIL 20x |" in (tmp_path / "acc" / "accuracy.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_bench_runs_a_config_and_dispatches_streaming(tmp_path: Path, monkeypatch, capsys):
     config = _tiny_config(tmp_path)
     assert load_config(config).model.patch_size == 32

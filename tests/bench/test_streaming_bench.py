@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from loupe.bench.streaming import streaming_command
 
 
+@pytest.mark.slow  # ~27 s: one step streamed and ordinary, each in a fresh process
 def test_tiny_streaming_bench_writes_measurements(tmp_path):
     out = tmp_path / "bench"
     assert streaming_command(["--size", "128", "--tile", "64", "--out", str(out), "--arch", "resnet18"]) == 0

@@ -111,6 +111,7 @@ def test_build_model_makes_gated_mil_only_for_one_magnification():
         build_model(ModelConfig(architecture="gated_mil"), 2)
 
 
+@pytest.mark.slow
 def test_gated_mil_trains_evaluates_and_predicts_maps_through_the_workflows(tmp_path: Path):
     from loupe.config import load_config
     from loupe.data.synthetic import SyntheticSpec, generate_dataset

@@ -127,6 +127,7 @@ def test_configure_optimizers_gives_adam_and_plateau_schedule_on_val_acc():
     assert opt.param_groups[0]["lr"] == pytest.approx(3e-4 * 0.2)
 
 
+@pytest.mark.slow
 def test_one_epoch_with_a_trainer_on_synthetic_slides(tmp_path):
     spec = SyntheticSpec(image_size=64, patch_size=16, splits={"train": 4, "val": 2})
     manifest = load_manifest(generate_dataset(tmp_path / "ds", spec))

@@ -29,6 +29,12 @@ def small_config(manifest: Path, epochs: int = 1):
 
 
 @pytest.fixture(scope="session")
+def make_small_config():
+    """small_config for tests that build their own run (test modules cannot import conftest under importlib mode)."""
+    return small_config
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, small_manifest) -> Path:
     from loupe.workflows.training import train
 

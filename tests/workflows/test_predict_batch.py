@@ -12,6 +12,8 @@ from PIL import Image
 
 from loupe.workflows.prediction import TIMING_STEPS, predict
 
+pytestmark = pytest.mark.slow  # every test predicts with trained_run, a session fixture that trains
+
 OUTPUTS = ("prediction.json", "attention.npz", "attention.geojson", "overlay.png", "heatmap_5x.png", "heatmap_20x.png")
 
 

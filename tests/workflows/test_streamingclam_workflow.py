@@ -56,6 +56,7 @@ def test_streamingclam_learns_the_demo_task(streaming_run, tmp_path):
     assert metrics["attention_share"] == {"5x": pytest.approx(1.0)}
 
 
+@pytest.mark.slow
 def test_predict_writes_whole_slide_attention(streaming_run, tmp_path):
     from loupe.data.manifest import load_manifest
     from loupe.workflows.prediction import predict

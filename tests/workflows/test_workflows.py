@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_config
 from loupe.errors import ConfigError
 from loupe.workflows.evaluation import evaluate
 from loupe.workflows.prediction import predict
 from loupe.workflows.training import train
 
 
+@pytest.mark.slow
 def test_run_folder_holds_config_manifest_checkpoints_and_log(trained_run: Path):
     assert (trained_run / "config.yaml").is_file()
     assert (trained_run / "manifest.csv").is_file()
@@ -27,6 +27,7 @@ def test_run_folder_holds_config_manifest_checkpoints_and_log(trained_run: Path)
     assert any(k.startswith("model.attention.") for k in state["state_dict"])
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_predictions_and_plots(trained_run: Path, tmp_path: Path):
     m = evaluate(trained_run, "test", tmp_path, inference="topk")
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -42,6 +43,7 @@ def test_evaluate_writes_metrics_predictions_and_plots(trained_run: Path, tmp_pa
         assert (tmp_path / png).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_predict_survives_a_corrupt_slide(trained_run: Path, small_manifest: Path, tmp_path: Path):
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -65,11 +67,12 @@ def test_predict_survives_a_corrupt_slide(trained_run: Path, small_manifest: Pat
     assert sorted(r["slide_id"] for r in rows) == sorted(done)
 
 
-def test_training_resumes_from_the_last_checkpoint(small_manifest: Path, tmp_path: Path):
-    run = train(small_config(small_manifest, epochs=1), tmp_path / "run")
+@pytest.mark.slow
+def test_training_resumes_from_the_last_checkpoint(small_manifest: Path, make_small_config, tmp_path: Path):
+    run = train(make_small_config(small_manifest, epochs=1), tmp_path / "run")
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["epoch"] == 0
-    train(small_config(small_manifest, epochs=2), run)
+    train(make_small_config(small_manifest, epochs=2), run)
     second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 2 * first["global_step"]
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()  # the first session's log is kept
