@@ -9,15 +9,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,tiffslide]'
 	touch $(STAMP)
 
-.PHONY: env demo test lint
+.PHONY: env demo lint typecheck check test
+
+## env: create (or update) the project environment in .venv
 env: $(STAMP)
 
+## demo: generate synthetic slides, train, evaluate, predict (runs/demo/report.md)
 demo: $(STAMP)
 	$(VENV)/bin/loupe demo --out runs/demo
 
+## lint: ruff lint and format check of src, tests and benchmarks
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-test: lint
+## typecheck: mypy over src (settings in pyproject.toml [tool.mypy])
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+## check: the daily fast tier: lint, type check, tests not marked slow
+check: lint typecheck
+	$(VENV)/bin/pytest -q -m "not slow"
+
+## test: lint, type check and the whole test suite (what CI runs)
+test: lint typecheck
 	$(VENV)/bin/pytest -q
