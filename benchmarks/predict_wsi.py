@@ -64,7 +64,7 @@ def _demo_run(out: Path, epochs: int | None) -> Path:
 
     run = out / "demo" / "run"
     if not (run / "checkpoints" / "best.ckpt").is_file():
-        m = run_demo(out / "demo", "highest", epochs, progress_bar=False)
+        m = run_demo(out=out / "demo", signal_magnification="highest", epochs=epochs, progress_bar=False)
         print(f"demo model: test accuracy {m['accuracy']:.3f}")
     return run
 
@@ -73,7 +73,14 @@ def _predict(run: Path, slides: list[dict], out: Path, k: int, cache: Path, work
     os.environ["LOUPE_CACHE_DIR"] = str(cache)
     start = time.perf_counter()
     result = predict(
-        run, [s["path"] for s in slides], out, inference="sample", overwrite=True, workers=workers, tissue=True, k=k
+        run,
+        [s["path"] for s in slides],
+        out=out,
+        inference="sample",
+        overwrite=True,
+        workers=workers,
+        tissue=True,
+        k=k,
     )
     wall = time.perf_counter() - start
     rows = []

@@ -117,7 +117,7 @@ def test_image_smaller_than_a_patch(loupe, tmp_path: Path):
 
 def test_config_key_that_does_not_exist(loupe, tmp_path: Path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("model:\n  k: 5\n  n_patches: 10\n")
+    cfg.write_text("joint:\n  k: 5\n  n_patches: 10\n")
     res = loupe("train", str(cfg), "--out", str(tmp_path / "run"))
     _assert_clean_error(res, "n_patches")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loupe.config import dump_config, load_config
-from loupe.models import build_model
+from loupe.models import JointAttentionSampler, build_model
 from loupe.slides import build_grid
 from loupe.workflows.common import magnifications_of
 
@@ -39,16 +39,21 @@ def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path):
 )
 def test_paper_presets_have_the_paper_geometry(preset, size, grids, features):
     cfg = load_config(next(p for p in PRESETS if p.stem == preset))
-    assert cfg.model.k == 5 and cfg.model.entropy_alpha == 0.01 and cfg.train.lr == 1e-4
+    assert cfg.joint.k == 5 and cfg.joint.entropy_alpha == 0.01 and cfg.train.lr == 1e-4
     assert cfg.train.epochs == 100 and cfg.train.lr_patience == 25 and cfg.train.lr_factor == 0.1
-    assert cfg.model.thumbnail_backbone == cfg.model.patch_backbone == "inception_v3"
-    grid = build_grid(size, cfg.data.slide_mpp, magnifications_of(cfg), cfg.model.patch_size, preset)
+    assert cfg.joint.thumbnail_backbone == cfg.model.patch_backbone == "inception_v3"
+    grid = build_grid(size, cfg.data.slide_mpp, magnifications_of(cfg), cfg.joint.patch_size, preset)
     assert [tuple(s) for s in grid.shapes] == grids
 
     # The InceptionV3 h turns the thumbnail into a 2048-channel map that A pools to every grid.
-    model_cfg = dataclasses.replace(cfg.model, thumbnail_pretrained=False, patch_pretrained=False)
-    model = build_model(model_cfg, n_classes=4).eval()
-    w, h = cfg.model.thumbnail_size
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, patch_pretrained=False),
+        joint=dataclasses.replace(cfg.joint, thumbnail_pretrained=False),
+    )
+    model = build_model(cfg, n_classes=4).eval()
+    assert isinstance(model, JointAttentionSampler)
+    w, h = cfg.joint.thumbnail_size
     with torch.no_grad():
         fmap = model.thumbnail_net.feature_map(torch.rand(1, 3, h, w))
         _, probs = model.attention(fmap, grid.shapes)

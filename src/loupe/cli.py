@@ -1,119 +1,166 @@
-"""The `loupe` command: thin parsing over the Python API (loupe.workflows, loupe.slides)."""
+"""The `loupe` command: one table of subcommands, each a parser and a call of a keyword-only workflow function.
+
+``loupe --help`` is generated from the table. User errors (bad settings, manifests, slides) print one line,
+``loupe COMMAND: error: ...``, and exit with status 2; a batch that finished with failed slides exits 1.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from loupe.errors import LoupeError
+from loupe.errors import ConfigError, LoupeError
 
-COMMANDS = ("train", "evaluate", "predict", "info", "demo", "import-bach", "bench")
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
 
-USAGE = """usage: loupe COMMAND [options]
-
-commands:
-  train CONFIG --out RUN          train (resumes if RUN has a last checkpoint); any option overridable,
-                                  e.g. --model.k 10 --train.epochs 50
-  evaluate RUN --split test --out DIR
-                                  metrics.json, predictions.csv, ROC/PR/confusion PNGs
-  predict RUN SLIDES_FOLDERS_OR_CSV... --out DIR
-                                  predictions.csv, status.json, timings.csv; per slide attention maps (.npz),
-                                  QuPath GeoJSON, heatmap PNGs; a re-run skips finished slides (--overwrite)
-  info SLIDE [--config CONFIG]    levels, dimensions, µm/px, vendor (and which level each magnification reads)
-  demo --out DIR [--signal-magnification highest|lowest|LABEL]
-                                  generate synthetic slides, train, evaluate, predict, report
-  import-bach ROOT --out MANIFEST.csv
-                                  a manifest of the BACH challenge photos (Normal/Benign/InSitu/Invasive, 0.42 µm/px)
-  bench [--config CONFIG] --out DIR [--quick]
-                                  the paper's speed tables (train s/epoch, inference ms/image: each magnification
-                                  with k and all patches, combined, joint) and a profile: DIR/bench.md, bench.json;
-                                  no --config: generated images of the BACH geometry, tiny backbone
-  bench --accuracy [--config CONFIG] --out DIR
-                                  train and evaluate joint, each single magnification, all patches and gated MIL
-                                  on the same splits (default: the demo dataset): DIR/accuracy.md
-  bench streaming ...             the streaming engine's benchmark (`loupe bench streaming --help`)
-
-`loupe COMMAND --help` lists a command's options.
-"""
+#: Exit status of bad input (argparse's convention) and of a batch run with failed slides.
+USAGE_ERROR, PARTIAL_FAILURE = 2, 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; user errors print one clear line, not a traceback."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if args else 2
-    command, rest = args[0], args[1:]
-    if command not in COMMANDS:
-        print(f"loupe: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="loupe: %(message)s")
-    try:
-        return globals()[f"_{command.replace('-', '_')}"](rest)
-    except LoupeError as err:
-        print(f"loupe {command}: error: {err}", file=sys.stderr)
-        return 1
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its one-line summary, its usage line, its parser and what it runs."""
+
+    summary: str
+    usage: str
+    parser: Callable[[str], ArgumentParser]
+    run: Callable[[Namespace, list[str]], int]
 
 
-def _train(args: list[str]) -> int:
-    from loupe.config import config_from_namespace, config_parser
+# --- parsers ------------------------------------------------------------------------------------------------------
+
+
+def _parser(prog: str) -> ArgumentParser:
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=prog, exit_on_error=False)
+
+
+def _train_parser(prog: str) -> ArgumentParser:
+    from loupe.config import config_parser
+
+    parser = config_parser(prog)
+    parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds a checkpoint)")
+    return parser
+
+
+def _run_parser(prog: str) -> ArgumentParser:
+    """A parser for commands that use a trained run: the run folder and the inference settings."""
+    from loupe.config import INFERENCE_MODES
+
+    parser = _parser(prog)
+    parser.add_argument("run", help="run folder written by `loupe train`")
+    parser.add_argument(
+        "--inference",
+        default=None,
+        choices=list(INFERENCE_MODES),
+        help="joint model: pooling mode (default: the run's)",
+    )
+    parser.add_argument("--samples", type=int | None, default=None, help="joint model: samples averaged by mean")
+    return parser
+
+
+def _evaluate_parser(prog: str) -> ArgumentParser:
+    parser = _run_parser(prog)
+    parser.add_argument("--split", default="test", help="manifest split to evaluate (train, val, test)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/eval-SPLIT)")
+    return parser
+
+
+def _predict_parser(prog: str) -> ArgumentParser:
+    parser = _run_parser(prog)
+    parser.add_argument("slides", nargs="+", help="slide files, folders of slides, or manifest CSVs")
+    parser.add_argument("--out", required=True, help="output folder (a re-run skips the slides finished there)")
+    parser.add_argument(
+        "--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float | None, default=None,
+        help="µm/px of files that record none",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="redo slides that are already finished")
+    parser.add_argument("--workers", type=int, default=2, help="processes preparing slides ahead of the model")
+    parser.add_argument("--k", type=int | None, default=None, help="patches read per sample (default: the run's k)")
+    parser.add_argument(
+        "--tissue", type=bool | None, default=None, help="tissue detection on/off (default: the run's setting)"
+    )
+    return parser
+
+
+def _info_parser(prog: str) -> ArgumentParser:
+    parser = _parser(prog)
+    parser.add_argument("slides", nargs="+", help="slide files")
+    parser.add_argument("--config", default=None, help="a config whose magnifications to place on the slide")
+    parser.add_argument("--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float | None, default=None)
+    parser.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
+    return parser
+
+
+def _demo_parser(prog: str) -> ArgumentParser:
+    parser = _parser(prog)
+    parser.add_argument("--out", default="runs/demo", help="output folder")
+    parser.add_argument(
+        "--signal-magnification", "--signal_magnification", dest="signal", default="highest",
+        help="where the class evidence is planted: highest, lowest or a magnification label (5x, 10x, 20x)",
+    )  # fmt: skip
+    parser.add_argument("--epochs", type=int | None, default=None, help="override the demo preset's epochs")
+    return parser
+
+
+def _import_bach_parser(prog: str) -> ArgumentParser:
+    from loupe.data.bach import BACH_MPP
+
+    parser = _parser(prog)
+    parser.add_argument("root", help="the BACH dataset root (or its Photos folder)")
+    parser.add_argument("--out", required=True, help="manifest CSV to write")
+    parser.add_argument("--ground-truth", "--ground_truth", dest="ground_truth", default=None)
+    parser.add_argument("--mpp", type=float, default=BACH_MPP, help="µm/px of the photos")
+    parser.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.0)
+    parser.add_argument("--test-fraction", "--test_fraction", dest="test_fraction", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# --- runners ------------------------------------------------------------------------------------------------------
+
+
+def _train(ns: Namespace, args: list[str]) -> int:
+    from loupe.config import config_from_namespace, parse_arguments
     from loupe.workflows.training import train
 
-    if args and not args[0].startswith("-"):
-        args = ["--config", args[0], *args[1:]]
-    parser = config_parser("loupe train")
-    parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds a checkpoint)")
-    ns = parser.parse_args(args)
-    run = train(config_from_namespace(parser, ns), ns.out)
+    parser = _train_parser("loupe train")
+    given = parse_arguments(parser, args, defaults=False)
+    cfg = config_from_namespace(parser, ns, given)
+    run = train(cfg, out=ns.out)
     print(f"run folder: {run}")
     return 0
 
 
-def _run_parser(prog: str):
-    """A parser for commands that use a trained run: the run folder and the inference mode."""
-    from jsonargparse import ArgumentParser
-
-    from loupe.config import INFERENCE_MODES
-
-    parser = ArgumentParser(prog=prog)
-    parser.add_argument("run", help="run folder written by `loupe train`")
-    parser.add_argument("--inference", default=None, choices=list(INFERENCE_MODES), help="default: the run's")
-    parser.add_argument("--samples", type=int, default=None, help="samples averaged by --inference mean")
-    return parser
-
-
-def _evaluate(args: list[str]) -> int:
+def _evaluate(ns: Namespace, args: list[str]) -> int:
     from loupe.workflows.evaluation import evaluate
 
-    parser = _run_parser("loupe evaluate")
-    parser.add_argument("--split", default="test", help="manifest split to evaluate (train, val, test)")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/eval-SPLIT)")
-    ns = parser.parse_args(args)
-    m = evaluate(ns.run, ns.split, ns.out, ns.inference, ns.samples)
+    m = evaluate(ns.run, split=ns.split, out=ns.out, inference=ns.inference, samples=ns.samples)
     share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["attention_share"].items())
     print(f"{ns.split}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}; attention {share}")
     return 0
 
 
-def _predict(args: list[str]) -> int:
+def _predict(ns: Namespace, args: list[str]) -> int:
     from loupe.workflows.prediction import predict
 
-    parser = _run_parser("loupe predict")
-    parser.add_argument("slides", nargs="+", help="slide files, folders of slides, or manifest CSVs")
-    parser.add_argument("--out", required=True, help="output folder (a re-run skips the slides finished there)")
-    parser.add_argument(
-        "--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float, default=None, help="µm/px of files that record none"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="redo slides that are already finished")
-    parser.add_argument("--workers", type=int, default=2, help="processes preparing slides ahead of the model")
-    parser.add_argument("--k", type=int, default=None, help="patches read per sample (default: the run's k)")
-    parser.add_argument(
-        "--tissue", type=bool | None, default=None, help="tissue detection on/off (default: the run's setting)"
-    )
-    ns = parser.parse_args(args)
+    if ns.workers < 0:
+        raise ConfigError(f"--workers {ns.workers}: expected an integer ≥ 0")
     run = predict(
-        ns.run, ns.slides, ns.out, ns.inference, ns.samples, ns.slide_mpp, ns.overwrite, ns.workers, ns.tissue, ns.k
+        ns.run,
+        ns.slides,
+        out=ns.out,
+        inference=ns.inference,
+        samples=ns.samples,
+        slide_mpp=ns.slide_mpp,
+        overwrite=ns.overwrite,
+        workers=ns.workers,
+        tissue=ns.tissue,
+        k=ns.k,
     )
     counts = run.counts()
     total = sum(counts.values())
@@ -123,27 +170,20 @@ def _predict(args: list[str]) -> int:
     )
     for slide_id, v in run.status.failed().items():
         print(f"  failed {slide_id}: {v['reason']}", file=sys.stderr)
-    return 1 if counts["failed"] else 0
+    return PARTIAL_FAILURE if counts["failed"] else 0
 
 
-def _info(args: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
+def _info(ns: Namespace, args: list[str]) -> int:
     from loupe.slides.info import describe_slide, format_description
 
-    parser = ArgumentParser(prog="loupe info")
-    parser.add_argument("slides", nargs="+", help="slide files")
-    parser.add_argument("--config", default=None, help="a config whose magnifications to place on the slide")
-    parser.add_argument("--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float, default=None)
-    parser.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
-    ns = parser.parse_args(args)
     mags, patch = None, None
     if ns.config:
         from loupe.config import load_config
+        from loupe.models import architecture
         from loupe.workflows.common import magnifications_of
 
         cfg = load_config(ns.config)
-        mags, patch = magnifications_of(cfg), cfg.model.patch_size
+        mags, patch = magnifications_of(cfg), architecture(cfg).cell_size(cfg)
     failed = 0
     for slide in ns.slides:  # one unreadable slide must not hide the others
         try:
@@ -153,26 +193,13 @@ def _info(args: list[str]) -> int:
             failed += 1
             continue
         print(format_description(d))
-    return 1 if failed else 0
+    return PARTIAL_FAILURE if failed else 0
 
 
-def _demo(args: list[str]) -> int:
-    from jsonargparse import ArgumentParser
-
+def _demo(ns: Namespace, args: list[str]) -> int:
     from loupe.workflows.demo import run_demo
 
-    parser = ArgumentParser(prog="loupe demo")
-    parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument(
-        "--signal-magnification",
-        "--signal_magnification",
-        dest="signal",
-        default="highest",
-        help="where the class evidence is planted: highest, lowest or a magnification label (5x, 10x, 20x)",
-    )
-    parser.add_argument("--epochs", type=int, default=None, help="override the demo preset's epochs")
-    ns = parser.parse_args(args)
-    m = run_demo(ns.out, ns.signal, ns.epochs)
+    m = run_demo(out=ns.out, signal_magnification=ns.signal, epochs=ns.epochs)
     share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["attention_share"].items())
     print(
         f"demo: test accuracy {m['accuracy']:.3f}; attention {share} (planted at {m['signal_magnification']}); "
@@ -181,20 +208,9 @@ def _demo(args: list[str]) -> int:
     return 0
 
 
-def _import_bach(args: list[str]) -> int:
-    from jsonargparse import ArgumentParser
+def _import_bach(ns: Namespace, args: list[str]) -> int:
+    from loupe.data.bach import import_bach
 
-    from loupe.data.bach import BACH_MPP, import_bach
-
-    parser = ArgumentParser(prog="loupe import-bach")
-    parser.add_argument("root", help="the BACH dataset root (or its Photos folder)")
-    parser.add_argument("--out", required=True, help="manifest CSV to write")
-    parser.add_argument("--ground-truth", "--ground_truth", dest="ground_truth", default=None)
-    parser.add_argument("--mpp", type=float, default=BACH_MPP, help="µm/px of the photos")
-    parser.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.0)
-    parser.add_argument("--test-fraction", "--test_fraction", dest="test_fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    ns = parser.parse_args(args)
     manifest = import_bach(
         ns.root,
         ns.out,
@@ -209,7 +225,7 @@ def _import_bach(args: list[str]) -> int:
     return 0
 
 
-def _bench(args: list[str]) -> int:
+def _bench(ns: Namespace, args: list[str]) -> int:
     if args and args[0] == "streaming":
         from loupe.bench.streaming import streaming_command
 
@@ -217,6 +233,106 @@ def _bench(args: list[str]) -> int:
     from loupe.bench import bench_command
 
     return bench_command(args)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        "train (resumes if RUN has a last checkpoint); any setting overridable, e.g. --joint.k 10 --train.epochs 50",
+        "train CONFIG --out RUN [--section.key VALUE ...]",
+        _train_parser,
+        _train,
+    ),
+    "evaluate": Command(
+        "metrics.json, predictions.csv, ROC/PR/confusion PNGs of a split of the run's manifest",
+        "evaluate RUN [--split test] [--out DIR]",
+        _evaluate_parser,
+        _evaluate,
+    ),
+    "predict": Command(
+        "predictions.csv, status.json, timings.csv; per slide attention maps, QuPath GeoJSON, heatmaps; a re-run "
+        "skips finished slides (--overwrite redoes them)",
+        "predict RUN SLIDES_FOLDERS_OR_CSV... --out DIR",
+        _predict_parser,
+        _predict,
+    ),
+    "info": Command(
+        "levels, dimensions, µm/px, vendor (and which level each magnification of a config reads)",
+        "info SLIDE... [--config CONFIG]",
+        _info_parser,
+        _info,
+    ),
+    "demo": Command(
+        "generate synthetic slides, train, evaluate, predict, report",
+        "demo --out DIR [--signal-magnification highest|lowest|LABEL]",
+        _demo_parser,
+        _demo,
+    ),
+    "import-bach": Command(
+        "a manifest of the BACH challenge photos (Normal/Benign/InSitu/Invasive, 0.42 µm/px)",
+        "import-bach ROOT --out MANIFEST.csv",
+        _import_bach_parser,
+        _import_bach,
+    ),
+    "bench": Command(
+        "the paper's speed tables and a profile (--accuracy: joint vs baselines trained on the same splits; "
+        "`bench streaming`: the streaming engine)",
+        "bench [--config CONFIG] --out DIR [--quick | --accuracy] | bench streaming ...",
+        _parser,
+        _bench,
+    ),
+}
+
+
+def usage() -> str:
+    """``loupe --help``, generated from :data:`COMMANDS`."""
+    from loupe import __version__
+
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"usage: loupe COMMAND [options]   (loupe {__version__})", "", "commands:"]
+    for name, cmd in COMMANDS.items():
+        lines.append(f"  {name:<{width}}  {cmd.summary}")
+        lines.append(f"  {'':<{width}}    loupe {cmd.usage}")
+    lines += ["", "`loupe COMMAND --help` lists a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; user errors print one clear line (exit status 2), not a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else USAGE_ERROR
+    if args[0] in ("-V", "--version"):
+        from loupe import __version__
+
+        print(f"loupe {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    command = COMMANDS.get(name)
+    if command is None:
+        print(f"loupe: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return USAGE_ERROR
+    from loupe.console import configure_console
+
+    configure_console(with_lightning=name not in ("info", "import-bach"))
+    try:
+        if name == "bench":  # parses its own options (and `bench streaming ...`)
+            return command.run(_empty_namespace(), rest)
+        if name == "train" and rest and not rest[0].startswith("-"):
+            rest = ["--config", rest[0], *rest[1:]]  # `loupe train CONFIG ...`
+        from loupe.config import parse_arguments
+
+        ns = parse_arguments(command.parser(f"loupe {name}"), rest)
+        return command.run(ns, rest)
+    except LoupeError as err:
+        print(f"loupe {name}: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _empty_namespace() -> Namespace:
+    from jsonargparse import Namespace
+
+    return Namespace()
 
 
 if __name__ == "__main__":

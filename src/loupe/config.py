@@ -1,12 +1,35 @@
-"""Typed, frozen settings of a run. YAML configs and the command line bind to these (jsonargparse)."""
+"""Typed, frozen settings of a run. YAML configs and the command line bind to these (jsonargparse).
+
+A run has the shared sections ``data``, ``model`` (what every architecture uses) and ``train`` (the optimisation),
+plus one section per architecture (``joint``, ``gated_mil``, ``streamingclam``) holding what only that
+architecture uses. A setting of another architecture's section is an error, not silently ignored, and every value
+is checked when the config is built (:func:`validate_config`), before any slide is opened.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-INFERENCE_MODES = ("sample", "mean", "topk", "exhaustive")
+from loupe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
+
+Architecture = Literal["joint", "gated_mil", "streamingclam"]
+InferenceMode = Literal["sample", "mean", "topk", "exhaustive"]
+
+#: Every architecture, in the order they are documented; each has a settings section of the same name.
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+#: How the joint model pools patches at inference: one sample of k, the mean over several samples, the top-k
+#: cells, or every cell.
+INFERENCE_MODES: tuple[str, ...] = get_args(InferenceMode)
+#: Lightning precision settings accepted by ``train.precision``.
+PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -49,65 +72,70 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model: the joint spatial and magnification attention-sampling model, or a baseline beside it."""
+    """What every architecture has: which one, the magnifications it reads, its patch (or trunk) network and the
+    classifier's dropout. The rest is in the architecture's own section."""
 
-    architecture: Literal["joint", "gated_mil", "streamingclam"] = "joint"
+    architecture: Architecture = "joint"
     """joint: attention sampling over every magnification (the paper; one magnification = the single-magnification
-    baseline); gated_mil: gated-attention MIL over every patch of one magnification (CLAM's head); streamingclam:
-    a streamed CNN trained end to end on the whole image (settings under ``streaming``)."""
+    baseline; settings under ``joint``); gated_mil: gated-attention MIL over every patch of one magnification
+    (CLAM's head; ``gated_mil``); streamingclam: a streamed CNN trained end to end on the whole image
+    (``streamingclam``)."""
     magnifications: list[str] = field(default_factory=lambda: ["2.0", "1.0", "0.5"])
     """µm/px ("0.5"), objective power ("20x", = 10/20 µm/px) or downsample ("ds4") per magnification."""
     magnification_labels: list[str] | None = None
     """Names used in outputs (e.g. 50X/100X/200X); default: as written above."""
+    patch_backbone: str = "tiny"
+    """The patch network f (joint, gated_mil) or the streamed trunk (streamingclam): "tiny", "tiny_s8" or a timm
+    model name."""
+    patch_pretrained: bool | str = False
+    """false, true (timm hub weights) or the path of a local checkpoint."""
+    classifier_dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """The joint spatial and magnification attention-sampling model (``model.architecture: joint``)."""
+
     patch_size: int = 32
+    """Side of a patch (one grid cell) in pixels at its magnification."""
     thumbnail_size: tuple[int, int] = (96, 96)
     """(width, height) of the thumbnail given to h."""
     thumbnail_backbone: str = "tiny"
-    patch_backbone: str = "tiny"
     thumbnail_pretrained: bool | str = False
     """false, true (timm hub weights) or the path of a local checkpoint."""
-    patch_pretrained: bool | str = False
     k: int = 5
+    """Patches read per sample."""
     replace: bool = False
     """Sample with replacement (i.i.d.) or without (Gumbel-top-k)."""
     normalisation: Literal["sigmoid", "softmax"] = "sigmoid"
     balance_magnifications: bool = True
     """Start every magnification with the same total attention, whatever its number of cells."""
     attention_dropout: float = 0.0
-    classifier_dropout: float = 0.5
     entropy_alpha: float = 0.01
     estimator: Literal["sampled", "exhaustive"] = "sampled"
     """sampled: k cells per image; exhaustive: f on every cell and the exact sum (the all-patches baseline)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The optimisation (paper defaults: Adam 1e-4, LR ×0.1 after 25 epochs without improvement, 100 epochs)."""
-
-    epochs: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    lr_patience: int = 25
-    lr_factor: float = 0.1
-    seed: int = 0
-    accelerator: str = "auto"
-    precision: str = "32-true"
-    """Lightning precision; "16-mixed" / "bf16-mixed" (AMP) also apply to evaluate and predict on a GPU."""
-    channels_last: bool = True
-    """Run the backbones channels-last: faster convolutions with cuDNN (above all with AMP) and with oneDNN on CPU."""
-    inference: Literal["sample", "mean", "topk", "exhaustive"] = "mean"
+    inference: InferenceMode = "mean"
     """How validation, evaluation and prediction pool patches: one sample of k, the mean over
     inference_samples samples, the top-k cells, or every cell."""
     inference_samples: int = 8
-    progress_bar: bool = True
 
 
 @dataclass(frozen=True)
-class StreamingConfig:
+class GatedMILConfig:
+    """Gated-attention MIL over every valid patch of one magnification (``model.architecture: gated_mil``)."""
+
+    patch_size: int = 32
+    """Side of a patch (one grid cell) in pixels at the magnification."""
+    attention_hidden: int = 128
+    attention_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class StreamingCLAMConfig:
     """StreamingCLAM (``model.architecture: streamingclam``): the CNN ``model.patch_backbone`` runs over the whole
-    image at ``model.magnifications[0]`` tile by tile; ``model.patch_size`` is one feature-map position in pixels
-    (the trunk's stride × ``local_pool``: 32 for a ResNet). ``data.batch_size`` slides are streamed one at a time
-    and their gradients accumulated into one optimiser step."""
+    image at ``model.magnifications[0]`` tile by tile. One grid cell is one position of the attention head: the
+    trunk's stride × ``local_pool`` pixels (32 for a ResNet), derived, not set. ``data.batch_size`` slides are
+    streamed one at a time and their gradients accumulated into one optimiser step."""
 
     tile_size: int = 2048
     """Side of the input tiles streamed through the trunk; memory grows with it, not with the slide."""
@@ -128,44 +156,321 @@ class StreamingConfig:
     randomly initialised trunk (pretrained ones keep theirs)."""
     crop_to_tissue: bool = True
     """Stream only the bounding box of the tissue (with tissue detection on); the rest is glass."""
+    k: int = 5
+    """Most attended positions listed as a slide's key cells in predict's outputs."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation (paper defaults: Adam 1e-4, LR ×0.1 after 25 epochs without improvement, 100 epochs)."""
+
+    epochs: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_patience: int = 25
+    lr_factor: float = 0.1
+    seed: int = 0
+    accelerator: str = "auto"
+    """auto (a GPU when there is one), cpu, gpu (= cuda) or mps."""
+    precision: str = "32-true"
+    """Lightning precision; "16-mixed" / "bf16-mixed" (AMP) also apply to evaluate and predict on a GPU."""
+    channels_last: bool = True
+    """Run the networks channels-last: faster convolutions with cuDNN (above all with AMP) and with oneDNN on CPU."""
+    progress_bar: bool = True
+
+
+#: Each architecture's settings section: its name in the config and its dataclass.
+SECTIONS: dict[str, type] = {"joint": JointConfig, "gated_mil": GatedMILConfig, "streamingclam": StreamingCLAMConfig}
 
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run."""
+    """A whole run. Built only from valid values: construction runs :func:`validate_config`."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
+    gated_mil: GatedMILConfig = field(default_factory=GatedMILConfig)
+    streamingclam: StreamingCLAMConfig = field(default_factory=StreamingCLAMConfig)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        validate_config(self)
+
+    def section(self) -> JointConfig | GatedMILConfig | StreamingCLAMConfig:
+        """The settings section of this run's architecture."""
+        section: JointConfig | GatedMILConfig | StreamingCLAMConfig = getattr(self, self.model.architecture)
+        return section
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain form, with only the section of the run's architecture (the others do not apply)."""
+        unused = set(SECTIONS) - {self.model.architecture}
+        return {k: v for k, v in asdict(self).items() if k not in unused}
 
 
-def config_parser(prog: str = "loupe train"):
+# --- validation ---------------------------------------------------------------------------------------------------
+
+Check = Callable[[Any], bool]
+
+
+def _int_at_least(low: int) -> tuple[Check, str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"an integer ≥ {low}"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+POSITIVE_INT = _int_at_least(1)
+NON_NEGATIVE_INT = _int_at_least(0)
+POSITIVE = (lambda v: _finite(v) and v > 0), "a number > 0"
+NON_NEGATIVE = (lambda v: _finite(v) and v >= 0), "a number ≥ 0"
+FRACTION = (lambda v: _finite(v) and 0 <= v <= 1), "a number in [0, 1]"
+DROPOUT = (lambda v: _finite(v) and 0 <= v < 1), "a number in [0, 1)"
+OPEN_FRACTION = (lambda v: _finite(v) and 0 < v < 1), "a number in (0, 1)"
+OPTIONAL_POSITIVE = (lambda v: v is None or (_finite(v) and v > 0)), "null or a number > 0"
+FOLDS = (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 2)), "null or an integer ≥ 2"
+
+
+def _backbone(v: Any) -> bool:
+    if not isinstance(v, str) or not v.strip():
+        return False
+    from loupe.models.backbones import TINY  # the model layer owns the names
+
+    if v in TINY:
+        return True
+    import timm
+
+    return bool(timm.is_model(v))
+
+
+BACKBONE = _backbone, 'a backbone name: "tiny", "tiny_s8" or a timm model name (timm.list_models())'
+
+
+def _pretrained(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, str) and Path(v).expanduser().is_file())
+
+
+PRETRAINED = _pretrained, "false, true (timm hub weights) or the path of an existing checkpoint file"
+THUMBNAIL = (
+    (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) and x >= 8 for x in v)),
+    "[width, height], each an integer ≥ 8",
+)
+
+#: Range and form of every value the types alone do not constrain, by ``section.key``.
+RULES: dict[str, tuple[Check, str]] = {
+    "data.slide_mpp": OPTIONAL_POSITIVE,
+    "data.tissue_min_fraction": FRACTION,
+    "data.folds": FOLDS,
+    "data.fold": NON_NEGATIVE_INT,
+    "data.batch_size": POSITIVE_INT,
+    "data.num_workers": NON_NEGATIVE_INT,
+    "data.read_threads": POSITIVE_INT,
+    "data.val_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "data.test_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.magnifications": (lambda v: isinstance(v, list) and len(v) >= 1, "a list of at least one magnification"),
+    "model.patch_backbone": BACKBONE,
+    "model.patch_pretrained": PRETRAINED,
+    "model.classifier_dropout": DROPOUT,
+    "joint.patch_size": _int_at_least(8),
+    "joint.thumbnail_size": THUMBNAIL,
+    "joint.thumbnail_backbone": BACKBONE,
+    "joint.thumbnail_pretrained": PRETRAINED,
+    "joint.k": POSITIVE_INT,
+    "joint.attention_dropout": DROPOUT,
+    "joint.entropy_alpha": NON_NEGATIVE,
+    "joint.inference_samples": POSITIVE_INT,
+    "gated_mil.patch_size": _int_at_least(8),
+    "gated_mil.attention_hidden": POSITIVE_INT,
+    "gated_mil.attention_dropout": DROPOUT,
+    "streamingclam.tile_size": _int_at_least(32),
+    "streamingclam.local_pool": POSITIVE_INT,
+    "streamingclam.attention_hidden": POSITIVE_INT,
+    "streamingclam.attention_dropout": DROPOUT,
+    "streamingclam.instance_k": POSITIVE_INT,
+    "streamingclam.instance_weight": FRACTION,
+    "streamingclam.freeze_encoder_epochs": NON_NEGATIVE_INT,
+    "streamingclam.k": POSITIVE_INT,
+    "train.epochs": POSITIVE_INT,
+    "train.lr": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.lr_patience": NON_NEGATIVE_INT,
+    "train.lr_factor": OPEN_FRACTION,
+    "train.seed": NON_NEGATIVE_INT,
+    "train.accelerator": ((lambda v: v in ACCELERATORS), f"one of {', '.join(ACCELERATORS)}"),
+    "train.precision": ((lambda v: str(v) in PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
+}
+
+
+def _values(cfg: Config) -> Iterator[tuple[str, Any]]:
+    for section in fields(cfg):
+        value = getattr(cfg, section.name)
+        for f in fields(value):
+            yield f"{section.name}.{f.name}", getattr(value, f.name)
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise :class:`ConfigError` naming the first invalid setting, its value and what is accepted.
+
+    Checks each value's range (:data:`RULES`), the relations between settings (folds, fractions, magnifications
+    and their labels, what the architecture supports) and that no section of another architecture is set.
+    """
+    for key, value in _values(cfg):
+        rule = RULES.get(key)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"{key}={_show(value)}: expected {rule[1]}")
+    d, m = cfg.data, cfg.model
+    if d.folds is not None and d.fold >= d.folds:
+        raise ConfigError(f"data.fold={d.fold}: expected an integer in [0, {d.folds}) for data.folds={d.folds}")
+    if d.val_fraction + d.test_fraction >= 1:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction = {d.val_fraction + d.test_fraction:g}: expected < 1 "
+            "(some slides must be left to train on)"
+        )
+    if m.magnification_labels is not None and len(m.magnification_labels) != len(m.magnifications):
+        raise ConfigError(
+            f"model.magnification_labels={_show(m.magnification_labels)}: expected one label per magnification "
+            f"({len(m.magnifications)}: {', '.join(m.magnifications)})"
+        )
+    from loupe.slides.magnification import parse_magnifications  # the slides layer owns the notation
+
+    parse_magnifications(m.magnifications, m.magnification_labels)
+    if m.architecture in ("gated_mil", "streamingclam") and len(m.magnifications) != 1:
+        raise ConfigError(
+            f"model.magnifications={_show(m.magnifications)}: {m.architecture} reads one magnification; give one, "
+            'e.g. ["0.5"]'
+        )
+    for name, kind in SECTIONS.items():
+        if name != m.architecture:
+            changed = _changed_keys(getattr(cfg, name), kind())
+            if changed:
+                raise unused_settings_error(m.architecture, [f"{name}.{key}" for key in changed])
+
+
+def _changed_keys(value: Any, default: Any) -> list[str]:
+    return [f.name for f in fields(value) if _plain(getattr(value, f.name)) != _plain(getattr(default, f.name))]
+
+
+def unused_settings_error(architecture: str, keys: list[str]) -> ConfigError:
+    """The error for settings of another architecture's section."""
+    sections = sorted({k.split(".")[0] for k in keys})
+    return ConfigError(
+        f"{', '.join(keys)}: not used by model.architecture {architecture} (the {'/'.join(sections)} section "
+        f"belongs to another architecture): remove {'it' if len(keys) == 1 else 'them'}, or set "
+        f"model.architecture {sections[0]}"
+    )
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(_plain(value))
+
+
+# --- parsing ------------------------------------------------------------------------------------------------------
+
+
+def config_parser(prog: str = "loupe train") -> ArgumentParser:
     """The jsonargparse parser of a run's settings: ``--config FILE`` (repeatable) and every field as an option."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=prog, exit_on_error=True)
+    parser = ArgumentParser(prog=prog, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later ones override")
-    parser.add_class_arguments(DataConfig, "data")
-    parser.add_class_arguments(ModelConfig, "model")
-    parser.add_class_arguments(TrainConfig, "train")
-    parser.add_class_arguments(StreamingConfig, "streaming")
+    for f in fields(Config):
+        parser.add_class_arguments(f.type if isinstance(f.type, type) else _SECTION_TYPES[f.name], f.name)
     return parser
 
 
-def config_from_namespace(parser, namespace) -> Config:
-    """Turn a parsed namespace into a :class:`Config`."""
-    init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else parser.instantiate_classes(namespace)
-    return Config(data=init.data, model=init.model, train=init.train, streaming=init.streaming)
+_SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    **SECTIONS,
+}
+
+
+def config_from_namespace(parser: ArgumentParser, namespace: Namespace, given: Namespace | None = None) -> Config:
+    """Turn a parsed namespace into a validated :class:`Config`. ``given`` (the same arguments parsed without
+    defaults) lets settings of another architecture's section be refused even when equal to their defaults."""
+    init = parser.instantiate(namespace)
+    sections = {name: init[name] for name in _SECTION_TYPES}
+    architecture = sections["model"].architecture
+    if given is not None:
+        explicit = [f"{name}.{key}" for name in SECTIONS if name != architecture for key in _given_keys(given, name)]
+        if explicit:
+            raise unused_settings_error(architecture, explicit)
+    return Config(**sections)
+
+
+def _given_keys(given: Namespace, section: str) -> list[str]:
+    value = given.get(section) if hasattr(given, "get") else None
+    if value is None:
+        return []
+    return sorted(k for k in vars(value) if value.get(k) is not None) if hasattr(value, "get") else []
+
+
+def parse_config(args: list[str], prog: str = "loupe train", parser: ArgumentParser | None = None) -> Config:
+    """Parse command-line style arguments (``--config FILE``, ``--section.key VALUE``...) into a validated config;
+    bad input raises :class:`ConfigError` with one message naming the setting."""
+    parser = parser or config_parser(prog)
+    namespace = parse_arguments(parser, args)
+    given = parse_arguments(parser, args, defaults=False)
+    return config_from_namespace(parser, namespace, given)
+
+
+def parse_arguments(parser: ArgumentParser, args: list[str], defaults: bool = True) -> Namespace:
+    """jsonargparse's parse, with its errors turned into one :class:`ConfigError` line."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(args, defaults=defaults)
+    except ArgumentError as err:
+        raise ConfigError(argument_error_message(str(err))) from None
+
+
+def argument_error_message(text: str) -> str:
+    """One line from a jsonargparse error: the key, the value and what is accepted."""
+    import re
+
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    key = re.search(r'(?:Parser )?[Kk]ey "([^"]+)"', text)
+    value = re.search(r"(?:Got|Given) value: (.+)", text)
+    expected = [_plain_type(e) for e in re.findall(r"Expected a (.+?)(?:\. Got value|$)", text, flags=re.M)]
+    expected = list(dict.fromkeys(e for e in expected if e))
+    if key and expected:
+        shown = value.group(1).strip() if value else "?"
+        return f"{key.group(1)}={shown}: expected {' or '.join(expected)}"
+    found = re.search(r"[Uu]nrecognized arguments:\s*(.+)", text)
+    if found:
+        return f"unknown setting {found.group(1).strip()}: see --help for the settings"
+    if key and lines:
+        rest = " ".join(line for line in lines if not line.startswith("Parser key"))
+        return f"{key.group(1)}: {rest}" if rest else lines[0]
+    return " ".join(lines) if lines else "invalid arguments"
+
+
+def _plain_type(text: str) -> str:
+    import re
+
+    text = text.strip().rstrip(".")
+    literal = re.fullmatch(r"typing\.Literal\[(.+)\]", text)
+    if literal:
+        return "one of " + ", ".join(v.strip().strip("'\"") for v in literal.group(1).split(","))
+    names = {
+        "<class 'int'>": "an integer",
+        "<class 'float'>": "a number",
+        "<class 'bool'>": "true or false",
+        "<class 'str'>": "a string",
+        "<class 'list'>": "a list, e.g. [a, b]",
+        "<class 'tuple'>": "a list, e.g. [a, b]",
+        "<class 'NoneType'>": "null",
+    }
+    return names.get(text, text)
 
 
 def load_config(path: str | Path) -> Config:
     """Read a YAML config (a shipped preset or a run's resolved config.yaml); unknown keys are errors."""
-    parser = config_parser()
-    return config_from_namespace(parser, parser.parse_args(["--config", str(path)]))
+    if not Path(path).is_file():
+        raise ConfigError(f"config {path} not found: give the path of a YAML config")
+    return parse_config(["--config", str(path)])
 
 
 def dump_config(cfg: Config) -> str:
@@ -176,6 +481,8 @@ def dump_config(cfg: Config) -> str:
 
 
 def _plain(obj: object) -> object:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(asdict(obj))
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -17,3 +17,11 @@ class ManifestError(LoupeError):
 
 class ConfigError(LoupeError):
     """A configuration value is invalid."""
+
+
+def describe_error(err: BaseException) -> str:
+    """A one-line reason for a failed slide or step: loupe's own message, or the exception type and text."""
+    text = " ".join(str(err).split())
+    if isinstance(err, LoupeError) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

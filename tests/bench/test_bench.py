@@ -28,7 +28,7 @@ SINGLES = ("5x", "10x", "20x")
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
-    result = run_bench(out, n_train=2, n_test=2, repeats=2, geometry=TINY, batch_size=2, log=lambda *_: None)
+    result = run_bench(out=out, n_train=2, n_test=2, repeats=2, geometry=TINY, batch_size=2, log=lambda *_: None)
     return out, result
 
 
@@ -46,7 +46,7 @@ def test_variants_narrow_the_config_to_their_magnifications():
     assert names == [(m, a) for m in SINGLES for a in (False, True)] + [("joint", False), ("joint", True)]
     one = Variant("10x", (1,), True).config(cfg)
     assert one.model.magnifications == ["1.0"] and one.model.magnification_labels == ["10x"]
-    assert one.model.estimator == "exhaustive"
+    assert one.joint.estimator == "exhaustive"
 
 
 @pytest.mark.slow
@@ -93,7 +93,7 @@ def _tiny_config(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_accuracy_mode_trains_every_model_on_the_same_splits(tmp_path: Path):
     config = _tiny_config(tmp_path)
-    result = run_accuracy(tmp_path / "acc", config, epochs=1, log=lambda *_: None)
+    result = run_accuracy(out=tmp_path / "acc", config=config, epochs=1, log=lambda *_: None)
     names = [row["name"] for row in result["models"]]
     assert names == ["joint", "single 5x", "single 10x", "single 20x", "all patches", "gated MIL 20x"]
     assert all(row["metrics"]["n"] == result["n_test"] for row in result["models"])
@@ -107,7 +107,7 @@ def test_accuracy_mode_trains_every_model_on_the_same_splits(tmp_path: Path):
 @pytest.mark.slow
 def test_cli_bench_runs_a_config_and_dispatches_streaming(tmp_path: Path, monkeypatch, capsys):
     config = _tiny_config(tmp_path)
-    assert load_config(config).model.patch_size == 32
+    assert load_config(config).joint.patch_size == 32
     args = ["--repeats", "1", "--train-images", "2", "--test-images", "1"]
     assert main(["bench", "--config", str(config), "--out", str(tmp_path / "out"), *args]) == 0
     assert "inference all patches ÷ joint" in capsys.readouterr().out

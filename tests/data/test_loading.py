@@ -12,6 +12,7 @@ from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import CellReader, ShapeBatchSampler, ThumbnailDataset, make_loader
 from loupe.data.manifest import load_manifest
 from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.models import SlideBatch
 from loupe.slides import open_slide
 
 SMALL = SyntheticSpec(image_size=128, splits={"train": 4, "val": 2, "test": 2})
@@ -34,16 +35,16 @@ def test_thumbnail_dataset_items(catalog):
     ds = ThumbnailDataset(catalog, [1, 9, 4], labels=[0, 1, 1])
     assert len(ds) == 3
     item = ds[1]
-    assert item["index"] == 9 and item["label"] == 1
-    assert item["thumbnail"].dtype == torch.uint8 and item["thumbnail"].shape == (3, 32, 48)
-    assert item["shapes"].tolist() == [[2, 2], [3, 3], [6, 6]]  # 192 px: ceil(48/32), ceil(96/32), 192/32
-    assert ds[0]["shapes"].tolist() == [[1, 1], [2, 2], [4, 4]]
+    assert item.index == 9 and item.label == 1
+    assert item.thumbnail.dtype == torch.uint8 and item.thumbnail.shape == (3, 32, 48)
+    assert item.shapes == ((2, 2), (3, 3), (6, 6))  # 192 px: ceil(48/32), ceil(96/32), 192/32
+    assert ds[0].shapes == ((1, 1), (2, 2), (4, 4))
     expected = catalog.reader(9).thumbnail((48, 32))
-    assert np.array_equal(item["thumbnail"].permute(1, 2, 0).numpy(), expected)
+    assert np.array_equal(item.thumbnail.permute(1, 2, 0).numpy(), expected)
     assert ds.thumbnail(1) is ds.thumbnail(1)  # cached
-    assert item["valid"].dtype == torch.bool and item["valid"].shape == (4 + 9 + 36,) and bool(item["valid"].all())
+    assert item.valid.dtype == torch.bool and item.valid.shape == (4 + 9 + 36,) and bool(item.valid.all())
     assert ThumbnailDataset(catalog, [0], cache=False).thumbnail(0) is not ds.thumbnail(0)
-    assert ThumbnailDataset(catalog, [0])[0]["label"] == -1  # unlabelled (prediction)
+    assert ThumbnailDataset(catalog, [0])[0].label == -1  # unlabelled (prediction)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -76,11 +77,13 @@ def test_make_loader_yields_shape_homogeneous_batches(catalog):
     loader = make_loader(ds, batch_size=4, shuffle=True, num_workers=0)
     seen = []
     for batch in loader:
-        shapes = batch["shapes"]
-        assert torch.all(shapes == shapes[0])
-        assert batch["thumbnail"].shape[1:] == (3, 32, 48)
-        assert batch["valid"].shape == (len(batch["index"]), int(shapes[0].prod(-1).sum()))
-        seen += batch["index"].tolist()
+        assert isinstance(batch, SlideBatch)
+        shapes = torch.tensor(batch.shapes)
+        # the collate refuses mixed shapes, so every batch is one bucket of the sampler
+        assert batch.shapes in {((2, 2), (3, 3), (6, 6)), ((1, 1), (2, 2), (4, 4))}
+        assert batch.thumbnails.shape[1:] == (3, 32, 48)
+        assert batch.valid.shape == (len(batch), int(shapes.prod(-1).sum()))
+        seen += batch.slides
     assert sorted(seen) == list(range(11))
 
 

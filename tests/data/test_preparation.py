@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from loupe.data.catalog import SlideCatalog
@@ -68,7 +69,7 @@ def test_valid_cells_follow_the_tissue_at_every_magnification(tmp_path):
         assert np.array_equal(part.reshape(g.shape), expected), g.magnification.label
     assert [int(p.sum()) for p in parts] == [4, 16, 64]
     item = ThumbnailDataset(catalog, [0])[0]
-    assert np.array_equal(item["valid"].numpy(), valid)
+    assert np.array_equal(item.valid.numpy(), valid)
 
 
 def test_tissue_off_makes_every_cell_valid(tmp_path):
@@ -124,7 +125,8 @@ def test_prepared_slides_return_errors_as_values_and_time_each_step(tmp_path):
     catalog = _catalog([good, broken], tmp_path / "cache")
     ds = PreparedSlides(catalog, [0, 1])
     item, bad = ds[0], ds[1]
-    assert item["thumbnail"].shape == (48, 64, 3) and item["valid"].dtype == bool
-    assert item["overview"].shape[:2] == item["tissue"].shape
-    assert set(item["timings"]) == {"open", "thumbnail", "overview", "tissue"}
-    assert bad["index"] == 1 and "broken.png" in bad["error"]
+    assert item.error is None and item.item is not None
+    assert item.item.thumbnail.shape == (3, 48, 64) and item.item.valid.dtype == torch.bool
+    assert item.overview is not None and item.tissue is not None and item.overview.shape[:2] == item.tissue.shape
+    assert set(item.timings) == {"open", "thumbnail", "overview", "tissue"}
+    assert bad.index == 1 and bad.item is None and bad.error is not None and "broken.png" in bad.error

@@ -14,7 +14,16 @@ from loupe.models.estimators import (
     sample_cells,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact comparisons in float64, for this module's tests only (a module-level default leaked into every test
+    collected after it, which then ran their convolutions in float64)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def _normalise(z: torch.Tensor, kind: str) -> torch.Tensor:

@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from loupe.config import ModelConfig, TrainConfig
+from loupe.config import Config, GatedMILConfig, JointConfig, ModelConfig, TrainConfig
 from loupe.errors import ConfigError
-from loupe.models import build_model, create_backbone
+from loupe.models import SlideBatch, SlideOutput, build_model, create_backbone
 from loupe.models.gated_mil import GatedAttentionMIL
-from loupe.models.joint import JointOutput
-from loupe.training.module import AttentionSamplingModule
+from loupe.training.module import SlideClassifierModule
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -38,6 +37,18 @@ class Reader:
         self.calls.append(cells.clone())
         return self.table[cells.reshape(-1)].reshape(*cells.shape, 3, P, P)
 
+    def cells(self, slides, cells: Tensor) -> Tensor:  # the pixel source interface
+        return self(cells)
+
+    def whole(self, slide, valid):
+        raise AssertionError("gated MIL reads cells only")
+
+
+def _batch(valid: Tensor, labels: list[int] | None = None) -> SlideBatch:
+    b = valid.shape[0]
+    thumbs = torch.randint(0, 256, (b, 3, 8, 8), dtype=torch.uint8)
+    return SlideBatch(thumbs, valid, torch.tensor(labels or [0] * b), torch.arange(b), (SHAPE,))
+
 
 def _model(n_classes: int = 3) -> GatedAttentionMIL:
     torch.manual_seed(0)
@@ -48,8 +59,8 @@ def test_reads_every_valid_cell_once_and_puts_the_gated_weights_on_the_grid():
     model, reader = _model(), Reader()
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[0, [0, 5, 11]] = False  # slide 0: 9 valid cells; slide 1: all 12
-    out = model(torch.rand(2, 3, 8, 8), [SHAPE], reader, valid=valid)
-    assert isinstance(out, JointOutput) and out.logits.shape == (2, 3)
+    out = model(_batch(valid), reader)
+    assert isinstance(out, SlideOutput) and out.logits.shape == (2, 3)
     (cells,) = reader.calls
     assert cells.shape == (2, 12)
     assert set(cells[0].tolist()) == set(range(12)) - {0, 5, 11}
@@ -57,14 +68,14 @@ def test_reads_every_valid_cell_once_and_puts_the_gated_weights_on_the_grid():
     assert torch.all(out.attention[~valid] == 0)
     assert torch.all(out.attention[valid] > 0)
     assert torch.allclose(out.attention.sum(-1), torch.ones(2))
-    assert torch.all(out.regulariser == 0)
+    assert out.regulariser is None and out.loss is None
 
 
 def test_the_bag_embedding_is_the_attention_weighted_mean_of_the_valid_patches():
     model, reader = _model(), Reader()
     valid = torch.zeros(1, 12, dtype=torch.bool)
     valid[0, [2, 7]] = True
-    out = model(torch.rand(1, 3, 8, 8), [SHAPE], reader, valid=valid)
+    out = model(_batch(valid), reader)
     with torch.no_grad():
         feats = model.patch_net(reader.table[[2, 7]])
         expected = (out.attention[0, [2, 7]].unsqueeze(-1) * feats).sum(0)
@@ -75,40 +86,41 @@ def test_padding_and_chunking_do_not_change_the_result():
     model, reader = _model(), Reader()
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, 3:] = False  # slide 1 is padded with repeats that must carry no weight
-    thumbs = torch.rand(2, 3, 8, 8)
-    both = model(thumbs, [SHAPE], reader, valid=valid)
-    alone = model(thumbs[1:], [SHAPE], reader, valid=valid[1:])
+    batch = _batch(valid)
+    both = model(batch, reader)
+    alone = model(batch.select([1]), reader)
     assert torch.allclose(both.logits[1], alone.logits[0], atol=1e-5)
     assert torch.allclose(both.attention[1], alone.attention[0], atol=1e-6)
     model.patch_chunk = 5
-    chunked = model(thumbs, [SHAPE], reader, valid=valid)
+    chunked = model(batch, reader)
     assert torch.allclose(chunked.logits, both.logits, atol=1e-5)
 
 
 def test_it_trains_through_the_lightning_module_and_gradients_reach_f_and_the_head():
-    cfg = ModelConfig(architecture="gated_mil", magnifications=["0.5"], patch_size=P, thumbnail_size=(8, 8))
+    cfg = Config(
+        model=ModelConfig(architecture="gated_mil", magnifications=["0.5"]), gated_mil=GatedMILConfig(patch_size=P)
+    )
     torch.manual_seed(0)
-    module = AttentionSamplingModule(build_model(cfg, 2), cfg, TrainConfig())
-    reader = Reader()
-    module.cell_reader = lambda indices, cells: reader(cells)
+    module = SlideClassifierModule(build_model(cfg, 2), TrainConfig(), Reader(), ["0.5"])
     module.train()
-    batch = {
-        "thumbnail": torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8),
-        "label": torch.tensor([0, 1]),
-        "index": torch.tensor([0, 1]),
-        "shapes": torch.tensor([[list(SHAPE)]] * 2),
-    }
-    module.training_step(batch, 0).backward()
+    loss = module.training_step(_batch(torch.ones(2, 12, dtype=torch.bool), [0, 1]), 0)
+    assert loss is not None
+    loss.backward()
     for name in ("patch_net", "pool", "classifier"):
         grads = [p.grad for p in getattr(module.model, name).parameters()]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
 
 
 def test_build_model_makes_gated_mil_only_for_one_magnification():
-    one = ModelConfig(architecture="gated_mil", magnifications=["0.5"])
+    one = Config(model=ModelConfig(architecture="gated_mil", magnifications=["0.5"]))
     assert isinstance(build_model(one, 2), GatedAttentionMIL)
     with pytest.raises(ConfigError, match="one magnification"):
-        build_model(ModelConfig(architecture="gated_mil"), 2)
+        Config(model=ModelConfig(architecture="gated_mil"))
+
+
+def test_joint_settings_are_refused_for_gated_mil():
+    with pytest.raises(ConfigError, match=r"joint\.k: not used by model\.architecture gated_mil"):
+        Config(model=ModelConfig(architecture="gated_mil", magnifications=["0.5"]), joint=JointConfig(k=3))
 
 
 @pytest.mark.slow
@@ -127,12 +139,14 @@ def test_gated_mil_trains_evaluates_and_predicts_maps_through_the_workflows(tmp_
         data=dataclasses.replace(cfg.data, manifest=str(manifest), batch_size=2),
         model=dataclasses.replace(cfg.model, architecture="gated_mil", magnifications=["10x"]),
         train=dataclasses.replace(cfg.train, epochs=1, progress_bar=False),
+        joint=JointConfig(),
+        gated_mil=GatedMILConfig(patch_size=cfg.joint.patch_size),
     )
-    run = train(cfg, tmp_path / "run")
-    metrics = evaluate(run, "test", tmp_path / "eval")
+    run = train(cfg, out=tmp_path / "run")
+    metrics = evaluate(run, split="test", out=tmp_path / "eval")
     assert metrics["n"] == 2 and metrics["attention_share"] == pytest.approx({"10x": 1.0})
     image = sorted((manifest.parent / "images").glob("test_*.tif"))[0]
-    predict(run, [image], tmp_path / "predict", workers=0)
+    predict(run, [image], out=tmp_path / "predict", workers=0)
     folder = tmp_path / "predict" / "slides" / image.stem
     maps = dict(np.load(folder / "attention.npz"))
     assert maps["10x"].shape == (4, 4) and abs(float(maps["10x"].sum()) - 1) < 1e-5

@@ -6,15 +6,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from loupe.config import ModelConfig
+from loupe.config import Config, JointConfig, ModelConfig
 from loupe.models import (
     AttentionNetwork,
     Backbone,
     JointAttentionSampler,
-    attention_maps,
+    SlideBatch,
     build_model,
     create_backbone,
     magnification_totals,
+    split_by_magnification,
 )
 
 SHAPES = ((1, 1), (2, 2), (3, 4))  # 1 + 4 + 12 = 17 cells
@@ -80,7 +81,7 @@ def _thumbs(b: int = 2) -> Tensor:
 def test_each_mode_returns_logits_and_reads_the_expected_cells(mode, n_samples, expected_reads, replace):
     model = _model(k=3, replace=replace).eval()
     reader = RecordingReader()
-    out = model(_thumbs(), SHAPES, reader, mode=mode, n_samples=n_samples)
+    out = model.classify(_thumbs(), SHAPES, reader, mode=mode, n_samples=n_samples)
     assert out.logits.shape == (2, 4)
     assert torch.all(torch.isfinite(out.logits))
     assert out.attention.shape == (2, N_CELLS)
@@ -97,7 +98,7 @@ def test_each_mode_returns_logits_and_reads_the_expected_cells(mode, n_samples, 
 
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="mode"):
-        _model().eval()(_thumbs(), SHAPES, RecordingReader(), mode="all")
+        _model().eval().classify(_thumbs(), SHAPES, RecordingReader(), mode="all")
 
 
 def test_topk_reads_the_k_most_attended_cells():
@@ -106,7 +107,7 @@ def test_topk_reads_the_k_most_attended_cells():
         for head in model.attention.heads:
             head.weight.normal_(std=1.0)  # spread the attention so that the top cells are clear
     reader = RecordingReader()
-    out = model(_thumbs(), SHAPES, reader, mode="topk")
+    out = model.classify(_thumbs(), SHAPES, reader, mode="topk")
     expected = torch.topk(out.attention, 4, dim=-1).indices
     for got, want in zip(reader.calls[0], expected, strict=True):
         assert set(got.tolist()) == set(want.tolist())
@@ -130,7 +131,7 @@ def test_sampled_cells_are_never_invalid(replace, dropout):
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         with torch.no_grad():
-            out = model(_thumbs(3), SHAPES, reader, valid=valid, mode="mean", n_samples=3, generator=gen)
+            out = model.classify(_thumbs(3), SHAPES, reader, valid=valid, mode="mean", n_samples=3, generator=gen)
         assert torch.all(out.attention[~valid] == 0)
         assert torch.all(torch.isfinite(out.logits))
     for cells in reader.calls:
@@ -139,7 +140,9 @@ def test_sampled_cells_are_never_invalid(replace, dropout):
 
 def test_a_training_step_sends_gradients_to_every_part():
     model = _model(k=3, attention_dropout=0.2, backbone="tiny").train()
-    out = model(_thumbs(), SHAPES, RecordingReader(), mode="sample", generator=torch.Generator().manual_seed(0))
+    out = model.classify(
+        _thumbs(), SHAPES, RecordingReader(), mode="sample", generator=torch.Generator().manual_seed(0)
+    )
     loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 3])) + 0.01 * out.regulariser.mean()
     loss.backward()
     parts = {
@@ -163,7 +166,7 @@ def test_exhaustive_equals_classifier_of_the_exact_attention_weighted_sum(normal
     reader = RecordingReader()
     valid = torch.ones(2, N_CELLS, dtype=torch.bool)
     valid[1, :5] = False
-    out = model(_thumbs(), SHAPES, reader, valid=valid, mode="exhaustive")
+    out = model.classify(_thumbs(), SHAPES, reader, valid=valid, mode="exhaustive")
     with torch.no_grad():
         cells = torch.arange(N_CELLS).expand(2, -1)
         patches = reader(cells)
@@ -180,8 +183,8 @@ def test_mean_mode_averages_sample_draws_and_approaches_the_exhaustive_value(rep
     model = _model(k=4, replace=replace, normalisation="softmax").eval()
     n = 200
     with torch.no_grad():
-        exact = model(_thumbs(1), SHAPES, RecordingReader(), mode="exhaustive").logits
-        many = model(
+        exact = model.classify(_thumbs(1), SHAPES, RecordingReader(), mode="exhaustive").logits
+        many = model.classify(
             _thumbs(1),
             SHAPES,
             RecordingReader(),
@@ -191,7 +194,10 @@ def test_mean_mode_averages_sample_draws_and_approaches_the_exhaustive_value(rep
         ).logits
         gen = torch.Generator().manual_seed(0)  # the same random stream, one draw of k at a time
         singles = torch.cat(
-            [model(_thumbs(1), SHAPES, RecordingReader(), mode="sample", generator=gen).logits for _ in range(n)]
+            [
+                model.classify(_thumbs(1), SHAPES, RecordingReader(), mode="sample", generator=gen).logits
+                for _ in range(n)
+            ]
         )
     # g is linear in eval mode, so the mean mode's logits are the mean of the single draws' logits...
     torch.testing.assert_close(many, singles.mean(0, keepdim=True), rtol=1e-4, atol=1e-5)
@@ -204,11 +210,11 @@ def test_mean_mode_averages_sample_draws_and_approaches_the_exhaustive_value(rep
 def test_magnification_totals_and_attention_maps():
     model = _model().eval()
     with torch.no_grad():
-        out = model(_thumbs(), SHAPES, RecordingReader(), mode="topk")
+        out = model.classify(_thumbs(), SHAPES, RecordingReader(), mode="topk")
     totals = magnification_totals(out.attention, SHAPES)
     assert totals.shape == (2, 3)
     torch.testing.assert_close(totals.sum(-1), torch.ones(2))
-    maps = attention_maps(out.attention, SHAPES)
+    maps = split_by_magnification(out.attention, SHAPES)
     assert [tuple(m.shape) for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 3, 4)]
     for j, m in enumerate(maps):
         torch.testing.assert_close(m.sum(dim=(1, 2)), totals[:, j])
@@ -218,8 +224,12 @@ def test_magnification_totals_and_attention_maps():
 
 
 def test_build_model_follows_the_config():
-    cfg = ModelConfig(magnifications=["2.0", "0.5"], k=7, replace=True, normalisation="softmax", attention_dropout=0.1)
+    cfg = Config(
+        model=ModelConfig(magnifications=["2.0", "0.5"]),
+        joint=JointConfig(k=7, replace=True, normalisation="softmax", attention_dropout=0.1),
+    )
     model = build_model(cfg, n_classes=3)
+    assert isinstance(model, JointAttentionSampler)
     assert model.k == 7 and model.replace is True and model.attention_dropout == 0.1
     assert len(model.attention.heads) == 2 and model.attention.normalisation == "softmax"
     assert model.classifier[1].out_features == 3
@@ -233,13 +243,13 @@ def test_exhaustive_reads_only_valid_cells():
     valid[1, [0, 2, 5, 9, 11]] = True
     reader = RecordingReader()
     with torch.no_grad():
-        out = model(_thumbs(), SHAPES, reader, valid=valid, mode="exhaustive")
+        out = model.classify(_thumbs(), SHAPES, reader, valid=valid, mode="exhaustive")
     (cells,) = reader.calls
     assert cells.shape == (2, 5)  # the most valid cells of any image, not all N_CELLS
     assert cells[0].tolist() == [1, 4, 7, 1, 1]  # padded with the first valid cell, weighted 0
     assert cells[1].tolist() == [0, 2, 5, 9, 11]
     with torch.no_grad():  # the same as the sum over every cell: padding and background carry no weight
-        full = model(_thumbs(), SHAPES, RecordingReader(), valid=None, mode="exhaustive")
+        full = model.classify(_thumbs(), SHAPES, RecordingReader(), valid=None, mode="exhaustive")
         probs = out.attention
         f_all = model.patch_net(RecordingReader()(torch.arange(N_CELLS).expand(2, -1)).flatten(0, 1)).view(
             2, N_CELLS, -1
@@ -248,3 +258,42 @@ def test_exhaustive_reads_only_valid_cells():
         expected = pooled @ model.classifier[1].weight.T + model.classifier[1].bias
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
     assert full.cells.shape == (2, N_CELLS)
+
+
+class CellPixels:
+    """A pixel source over :class:`RecordingReader`'s table (the interface's ``cells``; no whole images)."""
+
+    def __init__(self) -> None:
+        self.reader = RecordingReader()
+        self.slides: list[list[int]] = []
+
+    def cells(self, slides, cells: Tensor) -> Tensor:
+        self.slides.append(list(slides))
+        return self.reader(cells)
+
+    def whole(self, slide, valid):
+        raise AssertionError("the joint model reads cells only")
+
+
+def _batch(b: int = 2) -> SlideBatch:
+    thumbs = (_thumbs(b) * 255).to(torch.uint8)
+    valid = torch.ones(b, N_CELLS, dtype=torch.bool)
+    return SlideBatch(thumbs, valid, torch.tensor([0, 3][:b]), torch.tensor([7, 9][:b]), SHAPES)
+
+
+def test_the_interface_forward_reads_through_the_pixel_source_and_returns_the_loss():
+    from loupe.models import InferenceSettings
+
+    model = _model(k=3).eval()
+    model.entropy_alpha = 0.5
+    pixels = CellPixels()
+    batch = _batch()
+    with torch.no_grad():
+        out = model(batch, pixels, InferenceSettings("topk", 1, 2), labels=batch.labels)
+    assert pixels.slides == [[7, 9]]  # the batch's catalog indices reach the source
+    assert out.cells.shape == (2, 2)  # k from the settings, not the model's 3
+    expected = torch.nn.functional.cross_entropy(out.logits, batch.labels, reduction="none") + 0.5 * out.regulariser
+    torch.testing.assert_close(out.loss, expected)
+    with torch.no_grad():  # training forward: one draw of the model's k
+        train_out = model(batch, CellPixels())
+    assert train_out.cells.shape == (2, 3) and train_out.loss is None

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from loupe.config import StreamingConfig, load_config
+from loupe.config import Config, ModelConfig, StreamingCLAMConfig, load_config
 from loupe.errors import ConfigError
+from loupe.models import SlideBatch, architecture
 from loupe.models.backbones import create_backbone
-from loupe.models.streamingclam import StreamingCLAM, build_streamingclam
+from loupe.models.interface import WholeImage
+from loupe.models.streamingclam import StreamingCLAM, build_streamingclam, cell_size
 
 PRESET = Path(__file__).resolve().parents[2] / "src" / "loupe" / "configs" / "camelyon16_streamingclam.yaml"
 
@@ -46,7 +48,7 @@ def test_streamed_logits_and_gradients_equal_the_whole_image(name, local_pool):
     outs = []
     for streamed in (True, False):
         model.zero_grad()
-        out = model(image, keep, streamed=streamed)
+        out = model.classify_image(image, keep, streamed=streamed)
         (out.logits * torch.tensor([[0.3, -1.2, 0.7]], dtype=torch.float64)).sum().backward()
         outs.append(out)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -62,7 +64,7 @@ def test_frozen_encoder_gets_no_gradient_and_norms_stay_frozen():
     model = _model()
     model.set_encoder_trainable(False)
     model.train()
-    out = model(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
+    out = model.classify_image(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
     out.logits.sum().backward()
     assert all(p.grad is None for p in model.trunk.parameters())
     assert model.attention.score.weight.grad is not None
@@ -73,7 +75,7 @@ def test_frozen_encoder_gets_no_gradient_and_norms_stay_frozen():
 
 def test_instance_loss_pulls_top_and_bottom_positions_apart():
     model = _model(instance_classifiers=True, instance_k=2)
-    out = model(torch.randint(0, 256, (1, 3, 96, 96), dtype=torch.uint8))
+    out = model.classify_image(torch.randint(0, 256, (1, 3, 96, 96), dtype=torch.uint8))
     loss = model.instance_loss(out, label=1)
     assert loss.ndim == 0 and loss > 0
     loss.backward()
@@ -87,15 +89,58 @@ def test_instance_loss_pulls_top_and_bottom_positions_apart():
 def test_the_camelyon16_preset_builds_a_resnet34():
     cfg = load_config(PRESET)
     model_cfg = dataclasses.replace(cfg.model, patch_pretrained=False)
-    model = build_streamingclam(model_cfg, cfg.streaming, 2)
+    model = build_streamingclam(model_cfg, cfg.streamingclam, 2)
     assert model.stream.output_shape(4096, 4096) == (512, 128, 128)
     assert model.instance_classifiers is not None and len(model.instance_classifiers) == 2
+    assert model.k == 16 and model.calibrate is True  # random weights here: calibrated before training
+
+
+def test_the_grid_cell_is_derived_from_the_trunk_and_local_pool():
+    assert cell_size(ModelConfig(patch_backbone="resnet34"), StreamingCLAMConfig()) == 32
+    assert cell_size(ModelConfig(patch_backbone="tiny"), StreamingCLAMConfig(local_pool=2)) == 32
+    cfg = Config(model=ModelConfig(architecture="streamingclam", magnifications=["0.5"], patch_backbone="tiny"))
+    assert architecture(cfg).cell_size(cfg) == 16
 
 
 def test_settings_that_do_not_fit_are_refused():
-    cfg = load_config(PRESET)
-    model_cfg = dataclasses.replace(cfg.model, patch_pretrained=False, patch_backbone="tiny")
-    with pytest.raises(ConfigError, match=r"model\.patch_size 16"):
-        build_streamingclam(model_cfg, StreamingConfig(), 2)
     with pytest.raises(ConfigError, match="one magnification"):
-        build_streamingclam(dataclasses.replace(model_cfg, magnifications=["1.0", "0.5"]), StreamingConfig(), 2)
+        Config(model=ModelConfig(architecture="streamingclam", magnifications=["1.0", "0.5"]))
+
+
+class WholePixels:
+    """A pixel source of whole images: a fixed image per slide, cropped to rows 1..3 of a 4×5 grid of 16 px."""
+
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(2)
+        self.images = {i: torch.randint(0, 256, (1, 3, 48, 80), dtype=torch.uint8, generator=gen) for i in (4, 6)}
+
+    def cells(self, slides, cells):
+        raise AssertionError("StreamingCLAM reads whole images")
+
+    def whole(self, slide, valid):
+        keep = torch.ones(3, 5, dtype=torch.bool)
+        return WholeImage(self.images[slide], keep, (1, 0, 4, 5))
+
+
+def test_the_interface_forward_maps_each_crop_onto_the_slide_grid_with_its_loss():
+    from loupe.models import InferenceSettings
+
+    model = _model(instance_classifiers=True, instance_k=2).float()
+    batch = SlideBatch(
+        torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+        torch.ones(2, 20, dtype=torch.bool),
+        torch.tensor([0, 2]),
+        torch.tensor([4, 6]),
+        ((4, 5),),
+    )
+    pixels = WholePixels()
+    with torch.no_grad():
+        out = model(batch, pixels, InferenceSettings("exhaustive", 1, 3), labels=batch.labels)
+        alone = model.classify_image(pixels.images[6], torch.ones(3, 5, dtype=torch.bool))
+    assert out.attention.shape == (2, 20) and out.cells.shape == (2, 3)
+    assert torch.all(out.attention[:, :5] == 0)  # row 0 is outside the crop
+    torch.testing.assert_close(out.attention[1, 5:].view(3, 5), alone.attention)
+    torch.testing.assert_close(out.logits[1], alone.logits[0])
+    assert torch.all(out.cells >= 5)  # the most attended cells, in slide-grid indices
+    assert out.loss is not None and out.loss.shape == (2,)
+    torch.testing.assert_close(out.loss[1], model.loss(alone, 2))

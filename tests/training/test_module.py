@@ -1,23 +1,28 @@
-"""The Lightning module: loss = CE + α Σ P log P, the cells it reads per mode, gradients, optimiser and schedule."""
+"""The Lightning module: loss = the model's (CE + α Σ P log P for the joint model), the cells it reads per mode,
+gradients, optimiser and schedule, and the one place precision and memory format are decided."""
 
 from __future__ import annotations
 
-import lightning as L
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loupe.config import ModelConfig, TrainConfig
+from loupe.config import Config, JointConfig, ModelConfig, TrainConfig
 from loupe.data.catalog import SlideCatalog
-from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
+from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import load_manifest
+from loupe.data.pixels import SlidePixels
 from loupe.data.synthetic import SyntheticSpec, generate_dataset
-from loupe.models import build_model
-from loupe.training.module import AttentionSamplingModule
+from loupe.models import InferenceSettings, SlideBatch, build_model
+from loupe.models.runtime import Runtime
+from loupe.training.module import SlideClassifierModule
+from loupe.training.trainer import build_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
-SHAPES = [[1, 1], [2, 2], [4, 4]]  # 21 cells
+SHAPES = ((1, 1), (2, 2), (4, 4))  # 21 cells
 P = 8
 
 
@@ -27,29 +32,38 @@ class Reader:
     def __init__(self) -> None:
         self.calls: list[tuple[list[int], torch.Tensor]] = []
 
-    def __call__(self, indices, cells):
+    def cells(self, indices, cells):
         self.calls.append((list(indices), cells.clone()))
         gen = torch.Generator().manual_seed(int(cells.sum()))
         return torch.rand(*cells.shape, 3, P, P, generator=gen)
 
+    def whole(self, slide, valid):
+        raise AssertionError("the joint model reads cells only")
 
-def _module(**model_kw) -> tuple[AttentionSamplingModule, Reader]:
+
+def _module(**joint_kw) -> tuple[SlideClassifierModule, Reader]:
     torch.manual_seed(0)
-    train_kw = model_kw.pop("train", {})
-    cfg = ModelConfig(patch_size=P, thumbnail_size=(32, 32), k=3, **model_kw)
-    module = AttentionSamplingModule(build_model(cfg, 2), cfg, TrainConfig(**train_kw))
-    module.cell_reader = reader = Reader()
+    train_kw = joint_kw.pop("train", {})
+    model_kw = {"classifier_dropout": joint_kw.pop("classifier_dropout")} if "classifier_dropout" in joint_kw else {}
+    cfg = Config(
+        model=ModelConfig(**model_kw),
+        train=TrainConfig(**train_kw),
+        joint=JointConfig(patch_size=P, thumbnail_size=(32, 32), k=3, **joint_kw),
+    )
+    reader = Reader()
+    module = SlideClassifierModule(build_model(cfg, 2), cfg.train, reader, ["a", "b", "c"])
     return module, reader
 
 
-def _batch(b: int = 2) -> dict:
+def _batch(b: int = 2) -> SlideBatch:
     gen = torch.Generator().manual_seed(0)
-    return {
-        "thumbnail": torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=gen),
-        "label": torch.arange(b) % 2,
-        "index": torch.tensor([7, 3, 5, 1][:b]),
-        "shapes": torch.tensor([SHAPES] * b),
-    }
+    return SlideBatch(
+        thumbnails=torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=gen),
+        valid=torch.ones(b, 21, dtype=torch.bool),
+        labels=torch.arange(b) % 2,
+        indices=torch.tensor([7, 3, 5, 1][:b]),
+        shapes=SHAPES,
+    )
 
 
 def test_training_step_gives_a_finite_loss_with_gradients_everywhere():
@@ -80,30 +94,24 @@ def test_loss_is_cross_entropy_plus_alpha_times_the_regulariser():
     batch = _batch()
     loss = module.training_step(batch, 0)
     assert reader.calls[0][1].shape == (2, 21)  # exhaustive: every cell
-    out = module.run(batch, "exhaustive")  # deterministic: BatchNorm uses batch statistics in train mode
-    expected = F.cross_entropy(out.logits, batch["label"]) + 0.5 * out.regulariser.mean()
+    # deterministic: BatchNorm uses batch statistics in train mode
+    out = module.run(batch, InferenceSettings("exhaustive", 1, 3), None)
+    expected = F.cross_entropy(out.logits, batch.labels) + 0.5 * out.regulariser.mean()
     torch.testing.assert_close(loss, expected)
     assert float(out.regulariser.detach().mean()) < 0  # Σ P log P is negative, so α > 0 rewards spread attention
 
 
 def test_validation_uses_the_configured_inference_mode():
-    module, reader = _module(train={"inference": "mean", "inference_samples": 4})
+    module, reader = _module(inference="mean", inference_samples=4)
     module.eval()
     with torch.no_grad():
         module.validation_step(_batch(), 0)
     assert reader.calls[0][1].shape == (2, 3 * 4)
-    module, reader = _module(train={"inference": "topk"})
+    module, reader = _module(inference="topk")
     module.eval()
     with torch.no_grad():
         module.validation_step(_batch(), 0)
     assert reader.calls[0][1].shape == (2, 3)
-
-
-def test_running_without_a_cell_reader_is_an_error():
-    module, _ = _module()
-    module.cell_reader = None
-    with pytest.raises(RuntimeError, match="cell_reader"):
-        module.training_step(_batch(), 0)
 
 
 def test_configure_optimizers_gives_adam_and_plateau_schedule_on_val_acc():
@@ -135,26 +143,21 @@ def test_one_epoch_with_a_trainer_on_synthetic_slides(tmp_path):
     labels = manifest.label_indices().tolist()
     train = ThumbnailDataset(catalog, [0, 1, 2, 3], labels[:4])
     val = ThumbnailDataset(catalog, [4, 5], labels[4:])
-    cfg = ModelConfig(patch_size=16, thumbnail_size=(32, 32), k=2)
-    module = AttentionSamplingModule(build_model(cfg, 2), cfg, TrainConfig(epochs=1, lr=1e-3, inference="mean"))
-    module.cell_reader = CellReader(catalog, threads=2)
-    before = {k: v.clone() for k, v in module.model.attention.state_dict().items()}
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    cfg = Config(
+        train=TrainConfig(epochs=1, lr=1e-3, accelerator="cpu", progress_bar=False),
+        joint=JointConfig(patch_size=16, thumbnail_size=(32, 32), k=2, inference="mean"),
     )
+    pixels = SlidePixels(catalog, threads=2)
+    module = SlideClassifierModule(build_model(cfg, 2), cfg.train, pixels, ["a", "b", "c"])
+    before = {k: v.clone() for k, v in module.model.attention.state_dict().items()}
+    trainer = build_trainer(cfg.train, checkpoints=False)
     trainer.fit(module, make_loader(train, 2, True, 0), make_loader(val, 2, False, 0))
     metrics = trainer.callback_metrics
     assert {"train_loss", "val_acc", "val_loss"} <= set(metrics)
     assert torch.isfinite(metrics["train_loss"]) and 0.0 <= float(metrics["val_acc"]) <= 1.0
     after = module.model.attention.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the attention network was trained
-    module.cell_reader.close()
+    pixels.close()
     catalog.close()
 
 
@@ -165,10 +168,58 @@ def test_channels_last_switch_changes_the_memory_layout_not_the_outputs():
     for module in (fast, plain):
         module.eval()
         with torch.no_grad():
-            outs.append(module.run(_batch(), "topk"))
+            outs.append(module.run(_batch(), InferenceSettings("topk", 1, 3), None))
     conv = next(m for m in fast.model.patch_net.modules() if isinstance(m, torch.nn.Conv2d))
     assert fast.model.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
     conv = next(m for m in plain.model.patch_net.modules() if isinstance(m, torch.nn.Conv2d))
     assert not plain.model.channels_last and conv.weight.is_contiguous()
     assert torch.allclose(outs[0].logits, outs[1].logits, atol=1e-5)
     assert torch.allclose(outs[0].attention, outs[1].attention, atol=1e-6)
+
+
+class _Spy(Runtime):
+    """A runtime that records when its autocast is entered."""
+
+    entered: typing.ClassVar[list[str]] = []
+
+    def autocast(self, device=None):
+        _Spy.entered.append(self.precision)
+        return super().autocast(device)
+
+
+def test_autocast_is_decided_in_one_place_for_every_device_and_precision():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert isinstance(Runtime(gpu, "16-mixed").autocast(), torch.autocast)
+    assert Runtime(gpu, "bf16-mixed").autocast().fast_dtype == torch.bfloat16
+    assert not isinstance(Runtime(gpu, "32-true").autocast(), torch.autocast)  # full precision: none
+    assert not isinstance(Runtime(cpu, "16-mixed").autocast(), torch.autocast)  # AMP is for the GPU
+
+
+def test_streamingclam_inference_runs_under_the_run_autocast():
+    """Evaluate and predict (the shared inference path) apply the run's autocast to StreamingCLAM as to the
+    joint model: both go through Runtime.autocast, which on a GPU with 16-mixed is torch.autocast."""
+    from loupe.models.interface import WholeImage
+    from loupe.workflows.inference import predict_batch
+
+    cfg = Config(model=ModelConfig(architecture="streamingclam", magnifications=["0.5"], patch_backbone="tiny"))
+    model = build_model(cfg, 2)
+
+    class Whole:
+        def cells(self, slides, cells):
+            raise AssertionError
+
+        def whole(self, slide, valid):
+            return WholeImage(
+                torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.ones(2, 2, dtype=torch.bool), (0, 0, 2, 2)
+            )
+
+    batch = SlideBatch(
+        torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.ones(1, 4, dtype=torch.bool), torch.tensor([0]),
+        torch.tensor([0]), ((2, 2),),
+    )  # fmt: skip
+    _Spy.entered = []
+    (pred,) = predict_batch(
+        model, batch, Whole(), InferenceSettings("exhaustive", 1, 2), _Spy(torch.device("cpu"), "16-mixed")
+    )
+    assert _Spy.entered == ["16-mixed"] and pred.probs.shape == (2,)
+    assert model.channels_last  # the runtime's memory format reached the streamed model too

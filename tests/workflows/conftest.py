@@ -38,4 +38,4 @@ def make_small_config():
 def trained_run(tmp_path_factory, small_manifest) -> Path:
     from loupe.workflows.training import train
 
-    return train(small_config(small_manifest), tmp_path_factory.mktemp("run") / "run")
+    return train(small_config(small_manifest), out=tmp_path_factory.mktemp("run") / "run")

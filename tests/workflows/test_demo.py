@@ -16,7 +16,7 @@ from loupe.workflows.demo import run_demo
 @pytest.mark.slow
 @pytest.mark.parametrize(("signal", "planted"), [("highest", "20x"), ("lowest", "5x")])
 def test_demo_learns_the_task_and_the_planted_magnification(tmp_path: Path, signal: str, planted: str):
-    metrics = run_demo(tmp_path, signal, progress_bar=False)
+    metrics = run_demo(out=tmp_path, signal_magnification=signal, progress_bar=False)
     assert metrics["signal_magnification"] == planted
     assert metrics["accuracy"] >= 0.90, metrics
     assert metrics["attention_share"][planted] >= 0.60, metrics["attention_share"]

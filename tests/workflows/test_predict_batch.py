@@ -36,7 +36,7 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 def test_failures_are_named_and_the_rest_get_every_output(trained_run, slide_folder, tmp_path):
     out = tmp_path / "out"
-    run = predict(trained_run, [slide_folder], out, workers=2)
+    run = predict(trained_run, [slide_folder], out=out, workers=2)
     slides = run.status.slides
     assert run.counts() == {"done": 2, "failed": 2, "pending": 0}
     assert "broken.svs" in slides["broken"]["reason"] and "OpenSlide" in slides["broken"]["reason"]
@@ -71,23 +71,23 @@ def test_failures_are_named_and_the_rest_get_every_output(trained_run, slide_fol
 
 def test_a_rerun_does_no_repeated_work_and_overwrite_redoes_it(trained_run, slide_folder, tmp_path):
     out = tmp_path / "out"
-    predict(trained_run, [slide_folder], out, workers=0)
+    predict(trained_run, [slide_folder], out=out, workers=0)
     before = _mtimes(out / "slides")
-    again = predict(trained_run, [slide_folder], out, workers=0)
+    again = predict(trained_run, [slide_folder], out=out, workers=0)
     assert again.processed == [] and again.counts() == {"done": 2, "failed": 2, "pending": 0}
     assert _mtimes(out / "slides") == before
     # A fixed input is retried: the missing µm/px is now given (and changes the settings of the others not).
-    fixed = predict(trained_run, [slide_folder], out, workers=0, slide_mpp=0.5)
+    fixed = predict(trained_run, [slide_folder], out=out, workers=0, slide_mpp=0.5)
     assert sorted(fixed.processed) == ["broken", "nompp"]
     assert fixed.status.slides["nompp"]["status"] == "done" and fixed.status.slides["broken"]["status"] == "failed"
-    redo = predict(trained_run, [slide_folder], out, workers=0, overwrite=True)
+    redo = predict(trained_run, [slide_folder], out=out, workers=0, overwrite=True)
     assert sorted(redo.processed) == ["broken", "nompp", "test_0000", "test_0001"]
 
 
 def test_results_do_not_depend_on_the_other_slides(trained_run, slide_folder, tmp_path):
-    predict(trained_run, [slide_folder], tmp_path / "all", workers=0)
+    predict(trained_run, [slide_folder], out=tmp_path / "all", workers=0)
     alone = slide_folder / "test_0001.tif"
-    predict(trained_run, [alone], tmp_path / "one", workers=0)
+    predict(trained_run, [alone], out=tmp_path / "one", workers=0)
     a = json.loads((tmp_path / "all" / "slides" / "test_0001" / "prediction.json").read_text())
     b = json.loads((tmp_path / "one" / "slides" / "test_0001" / "prediction.json").read_text())
     assert a["probabilities"] == b["probabilities"] and a["cells_read"] == b["cells_read"]
@@ -95,10 +95,10 @@ def test_results_do_not_depend_on_the_other_slides(trained_run, slide_folder, tm
 
 def test_an_interrupted_slide_is_redone_and_partials_are_cleaned(trained_run, slide_folder, tmp_path):
     out = tmp_path / "out"
-    predict(trained_run, [slide_folder / "test_0000.tif"], out, workers=0)
+    predict(trained_run, [slide_folder / "test_0000.tif"], out=out, workers=0)
     (out / "slides" / "test_0000" / "prediction.json").unlink()  # as if killed before the folder was complete
     (out / "slides" / ".test_0000.partial-deadbeef").mkdir()
-    run = predict(trained_run, [slide_folder / "test_0000.tif"], out, workers=0)
+    run = predict(trained_run, [slide_folder / "test_0000.tif"], out=out, workers=0)
     assert run.processed == ["test_0000"]
     assert (out / "slides" / "test_0000" / "prediction.json").is_file()
     assert not (out / "slides" / ".test_0000.partial-deadbeef").exists()
@@ -112,7 +112,7 @@ def test_a_manifest_lists_the_slides_and_its_labels_reach_the_csv(trained_run, s
         f"b,{slide_folder / 'test_0001.tif'},vertical\n"
         f"c,{tmp_path / 'missing.svs'},vertical\n"
     )
-    run = predict(trained_run, [manifest], tmp_path / "out", workers=0)
+    run = predict(trained_run, [manifest], out=tmp_path / "out", workers=0)
     assert run.counts() == {"done": 2, "failed": 1, "pending": 0}
     assert "not found" in run.status.slides["c"]["reason"]
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
@@ -133,7 +133,7 @@ TISSUE_20X = {
 
 def test_every_shared_real_slide_is_predicted_with_tissue_detection(trained_run, slides_dir, tmp_path):
     # slide_mpp fills in only for the TCGA crop, the one file without µm/px.
-    run = predict(trained_run, [slides_dir], tmp_path / "out", workers=0, tissue=True, slide_mpp=0.5)
+    run = predict(trained_run, [slides_dir], out=tmp_path / "out", workers=0, tissue=True, slide_mpp=0.5)
     slides = run.status.slides
     assert len(slides) == 6 and "dicom-cmu-1-small-region" in slides
     for slide_id, entry in slides.items():
@@ -165,7 +165,7 @@ def test_a_failed_write_fails_only_its_slide(trained_run, slide_folder, tmp_path
         return original(target, result, *args)
 
     monkeypatch.setattr(prediction, "write_slide_folder", flaky)
-    run = predict(trained_run, [slide_folder], tmp_path / "out", workers=0)
+    run = predict(trained_run, [slide_folder], out=tmp_path / "out", workers=0)
     slides = run.status.slides
     assert slides["test_0000"]["status"] == "failed" and "disk full" in slides["test_0000"]["reason"]
     assert slides["test_0001"]["status"] == "done"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loupe.config import Config, DataConfig, ModelConfig, StreamingConfig, TrainConfig
+from loupe.config import Config, DataConfig, ModelConfig, StreamingCLAMConfig, TrainConfig
 from loupe.data.synthetic import SyntheticSpec, generate_dataset
 
 # The demo's slides with the class planted at the lowest magnification (`loupe demo --signal-magnification lowest`),
@@ -25,14 +25,14 @@ def streaming_config(manifest: Path, epochs: int) -> Config:
             architecture="streamingclam",
             magnifications=["2.0"],
             magnification_labels=["5x"],
-            patch_size=16,  # the tiny CNN's stride
-            patch_backbone="tiny",
-            k=4,
+            patch_backbone="tiny",  # stride 16: one grid cell of 16 px
             classifier_dropout=0.0,
         ),
         # With frozen (calibrated) normalisation the trunk needs a gentle rate: at 2e-3 it collapsed to chance.
-        train=TrainConfig(epochs=epochs, lr=3e-4, lr_patience=50, inference="exhaustive", progress_bar=False),
-        streaming=StreamingConfig(tile_size=32, attention_dropout=0.0, instance_loss=True, freeze_encoder_epochs=1),
+        train=TrainConfig(epochs=epochs, lr=3e-4, lr_patience=50, progress_bar=False),
+        streamingclam=StreamingCLAMConfig(
+            tile_size=32, attention_dropout=0.0, instance_loss=True, freeze_encoder_epochs=1, k=4
+        ),
     )
 
 
@@ -42,7 +42,7 @@ def streaming_run(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("streamingclam")
     manifest = generate_dataset(root / "data", SPEC)
-    return manifest, train(streaming_config(manifest, epochs=3), root / "run")
+    return manifest, train(streaming_config(manifest, epochs=3), out=root / "run")
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_streamingclam_learns_the_demo_task(streaming_run, tmp_path):
     from loupe.workflows.evaluation import evaluate
 
     _, run = streaming_run
-    metrics = evaluate(run, "test", tmp_path / "eval")
+    metrics = evaluate(run, split="test", out=tmp_path / "eval")
     assert metrics["accuracy"] >= 0.8, metrics
     assert metrics["inference"]["mode"] == "exhaustive"
     assert metrics["attention_share"] == {"5x": pytest.approx(1.0)}
@@ -63,7 +63,7 @@ def test_predict_writes_whole_slide_attention(streaming_run, tmp_path):
 
     manifest, run = streaming_run
     paths = [r.path for r in load_manifest(manifest).subset("test").records[:2]]
-    result = predict(run, paths, tmp_path / "predict", workers=0)
+    result = predict(run, paths, out=tmp_path / "predict", workers=0)
     assert result.counts()["done"] == 2
     folder = tmp_path / "predict" / "slides" / Path(paths[0]).stem
     info = json.loads((folder / "prediction.json").read_text())
@@ -75,12 +75,10 @@ def test_predict_writes_whole_slide_attention(streaming_run, tmp_path):
     assert timings["patches"] > 0 and timings["model"] > 0
 
 
-def test_a_trainable_setting_that_cannot_stream_is_refused_before_training(tmp_path):
+def test_settings_of_other_architectures_are_refused_before_training(tmp_path):
+    from loupe.config import JointConfig
     from loupe.errors import ConfigError
-    from loupe.workflows.training import train
 
-    manifest = generate_dataset(tmp_path / "data", dataclasses.replace(SPEC, splits={"train": 2, "val": 2}))
-    cfg = streaming_config(manifest, epochs=1)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, patch_size=32))
-    with pytest.raises(ConfigError, match="patch_size 16"):
-        train(cfg, tmp_path / "run")
+    manifest = tmp_path / "never-read.csv"
+    with pytest.raises(ConfigError, match=r"joint\.patch_size: not used by model.architecture streamingclam"):
+        dataclasses.replace(streaming_config(manifest, epochs=1), joint=JointConfig(patch_size=64))

@@ -29,7 +29,7 @@ def test_run_folder_holds_config_manifest_checkpoints_and_log(trained_run: Path)
 
 @pytest.mark.slow
 def test_evaluate_writes_metrics_predictions_and_plots(trained_run: Path, tmp_path: Path):
-    m = evaluate(trained_run, "test", tmp_path, inference="topk")
+    m = evaluate(trained_run, split="test", out=tmp_path, inference="topk")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("accuracy", "balanced_accuracy", "auc_roc_micro", "auc_roc_macro", "ap_micro", "ap_macro"):
         assert key in saved
@@ -51,7 +51,7 @@ def test_predict_survives_a_corrupt_slide(trained_run: Path, small_manifest: Pat
     for img in images:
         (folder / img.name).write_bytes(img.read_bytes())
     (folder / "broken.svs").write_bytes(b"not a slide at all" * 100)
-    status = predict(trained_run, [folder], tmp_path / "out").status.slides
+    status = predict(trained_run, [folder], out=tmp_path / "out").status.slides
     assert status["broken"]["status"] == "failed" and "broken.svs" in status["broken"]["reason"]
     done = [k for k, v in status.items() if v["status"] == "done"]
     assert len(done) == 2
@@ -69,10 +69,10 @@ def test_predict_survives_a_corrupt_slide(trained_run: Path, small_manifest: Pat
 
 @pytest.mark.slow
 def test_training_resumes_from_the_last_checkpoint(small_manifest: Path, make_small_config, tmp_path: Path):
-    run = train(make_small_config(small_manifest, epochs=1), tmp_path / "run")
+    run = train(make_small_config(small_manifest, epochs=1), out=tmp_path / "run")
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["epoch"] == 0
-    train(make_small_config(small_manifest, epochs=2), run)
+    train(make_small_config(small_manifest, epochs=2), out=run)
     second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 2 * first["global_step"]
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()  # the first session's log is kept

@@ -6,14 +6,16 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loupe.bench.data import Geometry, generate_images, geometry_config
 from loupe.bench.profile import profile_inference, profile_training_step
 from loupe.bench.report import accuracy_markdown, speed_markdown
-from loupe.bench.speed import Workload, device_of, speed_table
+from loupe.bench.speed import Log, Workload, device_of, speed_table
 from loupe.config import Config, load_config
+from loupe.errors import ConfigError
 from loupe.reports import write_json, write_text
 from loupe.workflows.common import make_catalog
 
@@ -24,8 +26,18 @@ FULL = (16, 8, 3)
 
 def _without_downloads(cfg: Config) -> Config:
     """Random weights: timing does not depend on them, and benchmark machines may have no internet."""
-    model = dataclasses.replace(cfg.model, thumbnail_pretrained=False, patch_pretrained=False)
-    return dataclasses.replace(cfg, model=model)
+    model = dataclasses.replace(cfg.model, patch_pretrained=False)
+    return dataclasses.replace(cfg, model=model, joint=dataclasses.replace(cfg.joint, thumbnail_pretrained=False))
+
+
+def _joint_only(cfg: Config, config: str | Path) -> Config:
+    """The speed table and profile time the joint model and its own baselines (one magnification, all patches)."""
+    if cfg.model.architecture != "joint":
+        raise ConfigError(
+            f"{config}: model.architecture {cfg.model.architecture}: `loupe bench` times the joint model; give a "
+            "config with model.architecture joint"
+        )
+    return cfg
 
 
 def workload(cfg: Config, n_train: int | None, n_test: int | None, repeats: int, warmup: int) -> Workload:
@@ -48,21 +60,21 @@ def workload(cfg: Config, n_train: int | None, n_test: int | None, repeats: int,
     )
 
 
-def _settings(cfg: Config, work: Workload, dataset: str, quick: bool) -> dict:
+def _settings(cfg: Config, work: Workload, dataset: str, quick: bool) -> dict[str, Any]:
     catalog = make_catalog(list(work.records), cfg)
     grid = catalog.grid(work.train[0])
     catalog.close()
-    m = cfg.model
+    m, j = cfg.model, cfg.joint
     return {
         "dataset": dataset,
         "device": str(device_of(cfg)),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "thumbnail_backbone": m.thumbnail_backbone,
+        "thumbnail_backbone": j.thumbnail_backbone,
         "patch_backbone": m.patch_backbone,
-        "k": m.k,
-        "patch_size": m.patch_size,
-        "thumbnail_size": list(m.thumbnail_size),
+        "k": j.k,
+        "patch_size": j.patch_size,
+        "thumbnail_size": list(j.thumbnail_size),
         "magnifications": list(m.magnification_labels or m.magnifications),
         "cells": grid.n_cells,
         "grids": ", ".join(f"{c}×{r}" for r, c in grid.shapes),
@@ -70,7 +82,7 @@ def _settings(cfg: Config, work: Workload, dataset: str, quick: bool) -> dict:
         "n_test": len(work.test),
         "batch_size": cfg.data.batch_size,
         "precision": cfg.train.precision,
-        "channels_last": getattr(cfg.train, "channels_last", None),
+        "channels_last": cfg.train.channels_last,
         "repeats": work.repeats,
         "warmup": work.warmup,
         "quick": quick,
@@ -78,6 +90,7 @@ def _settings(cfg: Config, work: Workload, dataset: str, quick: bool) -> dict:
 
 
 def run_bench(
+    *,
     out: str | Path,
     config: str | Path | None = None,
     quick: bool = False,
@@ -88,12 +101,12 @@ def run_bench(
     profile: bool = True,
     geometry: Geometry | None = None,
     batch_size: int = 4,
-    log=print,
-) -> dict:
+    log: Log = print,
+) -> dict[str, Any]:
     """Measure the speed table (and profile) into ``out/bench.json`` and ``out/bench.md``; return the result.
 
     Without ``config``: generated images of ``geometry`` (default BACH's) with the tiny backbone, ``batch_size``
-    images per step.
+    images per step. A ``config`` must be a joint model's (its baselines are derived from it).
     """
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -111,7 +124,7 @@ def run_bench(
             " (the BACH geometry)" if geometry == Geometry() else ""
         )
     else:
-        cfg = _without_downloads(load_config(config))
+        cfg = _without_downloads(_joint_only(load_config(config), config))
         dataset = f"{config} ({cfg.data.manifest})"
         if quick:
             n_train, n_test = n_train or d_train, n_test or d_test
@@ -143,7 +156,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-def run_accuracy(out: str | Path, config: str | Path | None = None, epochs: int | None = None, log=print) -> dict:
+def run_accuracy(
+    *, out: str | Path, config: str | Path | None = None, epochs: int | None = None, log: Log = print
+) -> dict[str, Any]:
     """Train and evaluate the joint model and its baselines on the same splits into ``out``; write
     accuracy.json and accuracy.md. Without ``config``: the demo dataset and preset."""
     from loupe.bench.accuracy import compare_accuracy
@@ -156,12 +171,12 @@ def run_accuracy(out: str | Path, config: str | Path | None = None, epochs: int 
 
         cfg = demo_config()
         labels = tuple(m.label for m in magnifications_of(cfg))
-        spec = SyntheticSpec(labels=labels, magnifications=(2.0, 1.0, 0.5), patch_size=cfg.model.patch_size)
+        spec = SyntheticSpec(labels=labels, magnifications=(2.0, 1.0, 0.5), patch_size=cfg.joint.patch_size)
         manifest = generate_dataset(out / "data", spec)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=str(manifest)))
         dataset = f"the demo dataset (planted at {spec.labels[spec.signal_index()]}), demo preset"
     else:
-        cfg = load_config(config)
+        cfg = _joint_only(load_config(config), config)
         dataset = str(config)
     train_cfg = dataclasses.replace(cfg.train, progress_bar=False)
     if epochs is not None:
@@ -188,14 +203,22 @@ def bench_command(args: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="--accuracy: override the config's epochs")
     ns = parser.parse_args(args)
     if ns.accuracy:
-        result = run_accuracy(ns.out, ns.config, ns.epochs)
+        result = run_accuracy(out=ns.out, config=ns.config, epochs=ns.epochs)
         c = result["comparison"]
         print(
             f"joint − best single ({c['best_single']}): {100 * c['joint_minus_best_single']:+.1f} points, joint − all "
             f"patches: {100 * c['joint_minus_all_patches']:+.1f} points; table: {ns.out}/accuracy.md"
         )
         return 0
-    result = run_bench(ns.out, ns.config, ns.quick, ns.repeats, ns.warmup, ns.n_train, ns.n_test)
+    result = run_bench(
+        out=ns.out,
+        config=ns.config,
+        quick=ns.quick,
+        repeats=ns.repeats,
+        warmup=ns.warmup,
+        n_train=ns.n_train,
+        n_test=ns.n_test,
+    )
     r = result["ratios"]
     print(
         f"training combined ÷ joint {r['train_combined_over_joint']:.2f}×, inference all patches ÷ joint "

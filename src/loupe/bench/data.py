@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from loupe.config import Config, DataConfig, ModelConfig, TrainConfig
+from loupe.config import Config, DataConfig, JointConfig, ModelConfig, TrainConfig
 from loupe.data.synthetic import write_tiff
 
 
@@ -42,7 +42,9 @@ def render(geometry: Geometry, rng: np.random.Generator) -> np.ndarray:
     """One H×W×3 uint8 image: smooth background, fine noise and a few hundred purple blobs."""
     w, h = geometry.width, geometry.height
     coarse = rng.normal(0.0, 1.0, (12, 16, 3)).astype(np.float32)
-    smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((w, h), Image.BICUBIC)) for c in range(3)], -1)
+    smooth = np.stack(
+        [np.asarray(Image.fromarray(coarse[..., c]).resize((w, h), Image.Resampling.BICUBIC)) for c in range(3)], -1
+    )
     img = np.array([232.0, 196.0, 214.0], dtype=np.float32) + 12.0 * smooth
     img += rng.normal(0.0, 5.0, (h, w, 1)).astype(np.float32)
     for _ in range(300):
@@ -93,10 +95,12 @@ def geometry_config(
         model=ModelConfig(
             magnifications=list(g.magnifications),
             magnification_labels=list(g.labels),
+            patch_backbone=backbone,
+        ),
+        joint=JointConfig(
             patch_size=g.patch_size,
             thumbnail_size=g.thumbnail_size,
             thumbnail_backbone=backbone,
-            patch_backbone=backbone,
             k=g.k,
             balance_magnifications=False,
         ),

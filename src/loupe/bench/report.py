@@ -75,7 +75,7 @@ def accuracy_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def num(v, fmt="{:.3f}"):
+    def num(v: float | None, fmt: str = "{:.3f}") -> str:
         return fmt.format(v) if v is not None else "–"
 
     for row in result["models"]:

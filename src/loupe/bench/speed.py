@@ -1,8 +1,8 @@
 """The paper's speed tables (Tables 5-6), measured through the real code paths.
 
-Training: a Lightning ``Trainer.fit`` of :class:`AttentionSamplingModule` over the real thumbnail loader and
-:class:`CellReader`, one epoch as warm-up, then the wall time of each further epoch (validation and checkpoints
-off: they are not training). Inference: :func:`loupe.workflows.common.infer`, the function behind evaluate, per
+Training: a Lightning ``Trainer.fit`` of :class:`SlideClassifierModule` over the real thumbnail loader and pixel
+source, one epoch as warm-up, then the wall time of each further epoch (validation and checkpoints off: they are
+not training). Inference: :func:`loupe.workflows.inference.infer`, the function behind evaluate and predict, per
 image, after warm-up calls. Every figure is the median of its repeats.
 """
 
@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from loupe.bench.timing import median, sync, timed_repeats
 from loupe.config import Config
 from loupe.data.catalog import SlideCatalog
-from loupe.data.loading import CellReader, ThumbnailDataset, make_loader
+from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import SlideRecord
-from loupe.models import build_model
-from loupe.training.module import AttentionSamplingModule
-from loupe.workflows.common import infer, magnifications_of, make_catalog
+from loupe.models import InferenceSettings, PixelSource, SlideClassifier, build_model
+from loupe.models.runtime import resolve_device
+from loupe.training.module import SlideClassifierModule
+from loupe.training.trainer import build_trainer
+from loupe.workflows.common import magnifications_of, make_catalog
+from loupe.workflows.inference import infer, make_pixels, runtime_of
+
+#: Where the bench reports its progress (one line per figure).
+Log = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -36,20 +44,25 @@ class Variant:
     all_patches: bool
 
     def config(self, cfg: Config) -> Config:
-        """``cfg`` narrowed to this variant's magnifications, with the exact all-patches sum if asked."""
+        """``cfg`` (a joint model's) narrowed to this variant's magnifications, with the exact all-patches sum if
+        asked."""
         labels = [m.label for m in magnifications_of(cfg)]
         model = dataclasses.replace(
             cfg.model,
             magnifications=[cfg.model.magnifications[j] for j in self.magnifications],
             magnification_labels=[labels[j] for j in self.magnifications],
-            estimator="exhaustive" if self.all_patches else "sampled",
         )
-        return dataclasses.replace(cfg, model=model)
+        joint = dataclasses.replace(cfg.joint, estimator="exhaustive" if self.all_patches else "sampled")
+        return dataclasses.replace(cfg, model=model, joint=joint)
 
     @property
     def inference_mode(self) -> str:
         """One draw of k cells (the paper's inference), or every cell."""
         return "exhaustive" if self.all_patches else "sample"
+
+    def inference(self, cfg: Config) -> InferenceSettings:
+        """This variant's inference: :attr:`inference_mode`, one sample, ``cfg``'s k."""
+        return InferenceSettings(self.inference_mode, 1, cfg.joint.k)
 
 
 @dataclass(frozen=True)
@@ -67,18 +80,7 @@ class Workload:
 
 def device_of(cfg: Config) -> torch.device:
     """The device a run's accelerator setting resolves to here."""
-    want = cfg.train.accelerator
-    if want in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-class _NoScheduleModule(AttentionSamplingModule):
-    """The real module; its LR schedule watches validation accuracy, which timing runs do not compute."""
-
-    def configure_optimizers(self):
-        cfg = self.train_cfg
-        return torch.optim.Adam(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return resolve_device(cfg.train.accelerator)
 
 
 class EpochTimer(L.Callback):
@@ -97,28 +99,29 @@ class EpochTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def make_module(cfg: Config, n_classes: int) -> AttentionSamplingModule:
-    """A freshly initialised module of ``cfg`` (timing does not depend on the weights)."""
+def make_model(cfg: Config, n_classes: int) -> SlideClassifier:
+    """A freshly initialised model of ``cfg`` (timing does not depend on the weights)."""
     torch.manual_seed(cfg.train.seed)
-    return _NoScheduleModule(build_model(cfg.model, n_classes), cfg.model, cfg.train)
+    return build_model(cfg, n_classes)
+
+
+def make_module(cfg: Config, n_classes: int, pixels: PixelSource) -> SlideClassifierModule:
+    """The training module `loupe train` builds around a fresh model of ``cfg``, reading through ``pixels``, with
+    plain Adam: the LR schedule watches validation accuracy, which timing runs do not compute."""
+    labels = [m.label for m in magnifications_of(cfg)]
+    return SlideClassifierModule(make_model(cfg, n_classes), cfg.train, pixels, labels, schedule=False)
 
 
 def trainer_for(cfg: Config, epochs: int, callbacks: Sequence[L.Callback], max_steps: int = -1) -> L.Trainer:
     """A Trainer as `loupe train` builds it, minus validation, checkpoints, logger and progress bar."""
-    return L.Trainer(
-        max_epochs=epochs,
+    return build_trainer(
+        cfg.train,
+        epochs=epochs,
+        callbacks=callbacks,
+        validate=False,
+        checkpoints=False,
+        progress_bar=False,
         max_steps=max_steps,
-        accelerator="gpu" if device_of(cfg).type == "cuda" else "cpu",
-        devices=1,
-        precision=cfg.train.precision,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
     )
 
 
@@ -131,7 +134,7 @@ def warm_slides(catalog: SlideCatalog, indices: Sequence[int]) -> None:
         catalog.reader(i).read_regions(grid.cell_rects(np.asarray(grid.offsets)), (p, p))
 
 
-def train_loader(cfg: Config, catalog: SlideCatalog, work: Workload):
+def train_loader(cfg: Config, catalog: SlideCatalog, work: Workload) -> DataLoader:
     """The training loader `loupe train` uses: shape-bucketed, shuffled, thumbnails cached after epoch one."""
     ds = ThumbnailDataset(catalog, work.train, [work.labels[i] for i in work.train], cfg.data.cache_thumbnails)
     return make_loader(ds, cfg.data.batch_size, True, cfg.data.num_workers, cfg.train.seed)
@@ -141,27 +144,31 @@ def train_epoch_seconds(cfg: Config, work: Workload) -> list[float]:
     """Seconds per training epoch of ``cfg``'s model on the workload's train images, after warm-up epochs."""
     catalog = make_catalog(list(work.records), cfg)
     warm_slides(catalog, work.train)
-    reader = CellReader(catalog, cfg.data.read_threads)
-    module = make_module(cfg, work.n_classes)
-    module.cell_reader = reader
+    pixels = make_pixels(catalog, cfg)
+    module = make_module(cfg, work.n_classes, pixels)
     timer = EpochTimer()
     try:
         trainer_for(cfg, work.warmup + work.repeats, [timer]).fit(module, train_loader(cfg, catalog, work))
     finally:
-        reader.close()
+        pixels.close()
         catalog.close()
     return timer.seconds[work.warmup :]
 
 
-def infer_seconds_per_image(cfg: Config, work: Workload, mode: str) -> list[float]:
-    """Seconds per image of :func:`infer` with pooling ``mode`` on the workload's test images, after warm-up."""
+def infer_seconds_per_image(cfg: Config, work: Workload, settings: InferenceSettings) -> list[float]:
+    """Seconds per image of :func:`infer` with ``settings`` on the workload's test images, after warm-up."""
     catalog = make_catalog(list(work.records), cfg)
     warm_slides(catalog, work.test)
-    module = make_module(cfg, work.n_classes).to(device_of(cfg))
+    runtime = runtime_of(cfg)
+    model = make_model(cfg, work.n_classes)
+    runtime.prepare(model)  # on the device, in the memory format, as `load_run` leaves a trained model
     test = list(work.test)
     try:
         times = timed_repeats(
-            lambda: infer(module, catalog, test, cfg, mode, 1), work.repeats, work.warmup, device_of(cfg)
+            lambda: infer(model, catalog, test, cfg, settings, runtime=runtime),
+            work.repeats,
+            work.warmup,
+            runtime.device,
         )
     finally:
         catalog.close()
@@ -176,7 +183,7 @@ def variants(cfg: Config) -> list[Variant]:
     return [*single, Variant("joint", joint, False), Variant("joint", joint, True)]
 
 
-def speed_table(cfg: Config, work: Workload, log=print) -> dict:
+def speed_table(cfg: Config, work: Workload, log: Log = print) -> dict[str, Any]:
     """Measure every variant: training seconds per epoch (the joint model with k only, as in the paper) and
     inference ms per image, medians and raw repeats, plus the combined rows and the ratios."""
     train: dict[str, dict[str, float]] = {}
@@ -190,7 +197,7 @@ def speed_table(cfg: Config, work: Workload, log=print) -> dict:
             raw[f"train/{v.name}/{col}"] = t
             train.setdefault(v.name, {})[col] = median(t)
             log(f"train {v.name} {col}: {median(t):.2f} s/epoch")
-        t = infer_seconds_per_image(vcfg, work, v.inference_mode)
+        t = infer_seconds_per_image(vcfg, work, v.inference(vcfg))
         raw[f"infer/{v.name}/{col}"] = [1000 * s for s in t]
         infer_ms.setdefault(v.name, {})[col] = 1000 * median(t)
         log(f"infer {v.name} {col}: {1000 * median(t):.1f} ms/image")

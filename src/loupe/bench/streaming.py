@@ -17,12 +17,17 @@ import os
 import platform
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from loupe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +75,7 @@ def _build(arch: str, dtype: torch.dtype, device: str, seed: int) -> tuple[nn.Mo
     torch.manual_seed(seed)
     trunk = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
     freeze_normalisation(trunk)
-    head = _GatedAttentionHead(trunk.num_features)
+    head = _GatedAttentionHead(cast(int, trunk.num_features))
     return trunk.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype)
 
 
@@ -79,7 +84,7 @@ def _image(size: int, seed: int) -> Tensor:
     return torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
 
 
-def _preprocess(dtype: torch.dtype):
+def _preprocess(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     def preprocess(x: Tensor) -> Tensor:
         mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(1, 3, 1, 1)
@@ -98,7 +103,8 @@ def _step(variant: str, trunk: nn.Module, head: nn.Module, image: Tensor, tile: 
         loss = nn.functional.binary_cross_entropy_with_logits(head(stream(image)), target)
     else:
         x = _preprocess(dtype)(image.to(target.device))
-        loss = nn.functional.binary_cross_entropy_with_logits(head(trunk.forward_features(x)), target)
+        features = cast(Callable[[Tensor], Tensor], trunk.forward_features)  # timm's trunk without its head
+        loss = nn.functional.binary_cross_entropy_with_logits(head(features(x)), target)
         del x
     loss.backward()
 
@@ -143,7 +149,7 @@ def _grad_diff(spec: dict) -> dict:
         for p in params:
             p.grad = None
         _step(variant, trunk, head, image, spec["tile"], dtype)
-        grads[variant] = [p.grad.detach().clone() for p in params]
+        grads[variant] = [_grad(p) for p in params]
     worst = 0.0
     for g_s, g_o in zip(grads["streamed"], grads["ordinary"], strict=True):
         scale = float(g_o.abs().max())
@@ -155,7 +161,13 @@ def _grad_diff(spec: dict) -> dict:
     return {"max_rel_grad_diff": worst, "parameters_compared": len(params), "tiles": tiles}
 
 
-def _child(target: str, spec: dict, queue) -> None:
+def _grad(param: Tensor) -> Tensor:
+    if param.grad is None:
+        raise RuntimeError("a trainable parameter got no gradient")
+    return param.grad.detach().clone()
+
+
+def _child(target: str, spec: dict, queue: Queue[dict[str, Any]]) -> None:
     try:
         queue.put({"ok": globals()[target](spec)})
     except Exception as err:  # reported to the parent; out-of-memory is an expected outcome
@@ -252,7 +264,7 @@ def run_streaming_bench(
                 return r["peak_mem_bytes"]
         return None
 
-    def field(variant: str, n: int, key: str):
+    def field(variant: str, n: int, key: str) -> Any:
         for r in runs:
             if r["variant"] == variant and r["size"] == n and r["status"] == "ok":
                 return r[key]

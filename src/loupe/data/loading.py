@@ -7,6 +7,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,43 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loupe.data.catalog import SlideCatalog
 from loupe.data.preparation import Timer
+from loupe.errors import describe_error
+from loupe.models.interface import GridShapes, SlideBatch
+
+
+@dataclass(frozen=True)
+class SlideItem:
+    """One slide as the model's inputs: thumbnail (3, h, w) uint8, valid cells (N,) bool, label index (-1:
+    unknown), catalog index and grid shapes. :func:`collate_slides` stacks items into a :class:`SlideBatch`."""
+
+    thumbnail: Tensor
+    valid: Tensor
+    label: int
+    index: int
+    shapes: GridShapes
+
+    @classmethod
+    def from_arrays(
+        cls, thumbnail: np.ndarray, valid: np.ndarray, index: int, shapes: GridShapes, label: int = -1
+    ) -> SlideItem:
+        """From a thumbnail (h, w, 3) uint8 array and a valid-cell mask, as the catalog gives them."""
+        thumb = torch.from_numpy(np.array(thumbnail, copy=True)).permute(2, 0, 1).contiguous()
+        return cls(thumb, torch.from_numpy(np.array(valid, dtype=bool)), label, index, shapes)
+
+
+def collate_slides(items: Sequence[SlideItem]) -> SlideBatch:
+    """The one way slides become a batch: stacked thumbnails, masks, labels and indices; all items must share
+    their grid shapes (the shape-bucketed sampler guarantees it)."""
+    shapes = items[0].shapes
+    if any(item.shapes != shapes for item in items):
+        raise ValueError("slides of one batch must have the same grid shapes (use ShapeBatchSampler)")
+    return SlideBatch(
+        thumbnails=torch.stack([item.thumbnail for item in items]),
+        valid=torch.stack([item.valid for item in items]),
+        labels=torch.tensor([item.label for item in items], dtype=torch.long),
+        indices=torch.tensor([item.index for item in items], dtype=torch.long),
+        shapes=shapes,
+    )
 
 
 class ThumbnailDataset(Dataset):
@@ -38,8 +77,8 @@ class ThumbnailDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def shapes(self, item: int) -> tuple[tuple[int, int], ...]:
-        return self.catalog.grid(self.indices[item]).shapes
+    def shapes(self, item: int) -> GridShapes:
+        return _shapes(self.catalog, self.indices[item])
 
     def _inputs(self, item: int) -> tuple[Tensor, Tensor]:
         i = self.indices[item]
@@ -55,24 +94,35 @@ class ThumbnailDataset(Dataset):
     def thumbnail(self, item: int) -> Tensor:
         return self._inputs(item)[0]
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item: int) -> SlideItem:
         i = self.indices[item]
         thumb, valid = self._inputs(item)
-        return {
-            "thumbnail": thumb,
-            "valid": valid,
-            "label": self.labels[item],
-            "index": i,
-            "shapes": torch.tensor(self.catalog.grid(i).shapes),
-        }
+        return SlideItem(thumb, valid, int(self.labels[item]), i, self.shapes(item))
+
+
+def _shapes(catalog: SlideCatalog, i: int) -> GridShapes:
+    return tuple((int(r), int(c)) for r, c in catalog.grid(i).shapes)
+
+
+@dataclass
+class PreparedSlide:
+    """A slide prepared for prediction: the model's inputs (``item``), the overview and tissue mask its outputs
+    are drawn on, and the seconds each step took; or, when it could not be prepared, the reason (``error``)."""
+
+    index: int
+    item: SlideItem | None = None
+    overview: np.ndarray | None = None
+    tissue: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
 
 
 class PreparedSlides(Dataset):
     """Item i: what the model needs of catalog slide ``indices[i]`` (thumbnail, valid cells, overview), prepared
     in a DataLoader worker while the model runs on earlier slides, with the time each step took.
 
-    A slide that cannot be prepared yields ``{"index", "error"}`` instead of raising: one bad slide never stops
-    a batch run.
+    A slide that cannot be prepared yields a :class:`PreparedSlide` with its ``error`` instead of raising: one bad
+    slide never stops a batch run.
     """
 
     def __init__(self, catalog: SlideCatalog, indices: Sequence[int], overview: bool = True) -> None:
@@ -83,12 +133,12 @@ class PreparedSlides(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item: int) -> PreparedSlide:
         i = self.indices[item]
         timer = Timer()
         try:
             start = time.perf_counter()
-            grid = self.catalog.grid(i)
+            shapes = _shapes(self.catalog, i)
             timer.add("open", start)
             thumbnail = self.catalog.thumbnail(i, timer)
             overview = None
@@ -96,29 +146,12 @@ class PreparedSlides(Dataset):
                 overview = self.catalog.overview(i, timer)
             mask, valid = self.catalog.tissue_and_valid(i, timer, overview)
         except Exception as err:  # reported per slide by the caller
-            return {"index": i, "error": describe_error(err)}
-        return {
-            "index": i,
-            "thumbnail": thumbnail,
-            "valid": valid,
-            "shapes": grid.shapes,
-            "overview": overview,
-            "tissue": mask,
-            "timings": timer.seconds,
-        }
+            return PreparedSlide(i, error=describe_error(err))
+        item_ = SlideItem.from_arrays(thumbnail, valid, i, shapes)
+        return PreparedSlide(i, item_, overview, mask, dict(timer.seconds))
 
 
-def describe_error(err: BaseException) -> str:
-    """A one-line reason for a failed slide: loupe's own message, or the exception type and text."""
-    from loupe.errors import LoupeError
-
-    text = str(err).strip()
-    if isinstance(err, LoupeError) and text:
-        return text
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _unbatched(item: dict) -> dict:
+def _unbatched(item: Any) -> Any:
     return item
 
 
@@ -172,6 +205,7 @@ def make_loader(
         batch_sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        collate_fn=collate_slides,
     )
 
 

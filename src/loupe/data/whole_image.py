@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,15 +11,10 @@ from torch import Tensor
 
 from loupe.data.catalog import SlideCatalog
 from loupe.errors import SlideError
+from loupe.models.interface import WholeImage
+from loupe.slides import SlideReader
 
-
-@dataclass
-class WholeImage:
-    """A slide's image at the model's magnification, cropped to whole grid cells."""
-
-    image: Tensor  # (1, 3, H, W) uint8, H = rows·p, W = cols·p (white beyond the slide's edge)
-    keep: Tensor  # (rows, cols) bool: the cells of the crop that are instances (tissue)
-    box: tuple[int, int, int, int]  # (row0, col0, row1, col1) of the crop in the slide's grid
+__all__ = ["WholeImage", "WholeImageReader", "tissue_box"]
 
 
 def tissue_box(valid: np.ndarray) -> tuple[int, int, int, int]:
@@ -82,7 +76,16 @@ class WholeImageReader:
         self._pool.shutdown(wait=False)
 
 
-def _read_chunk(reader, out: np.ndarray, rect, y: int, x: int, rows: int, cols: int, p: int) -> None:
+def _read_chunk(
+    reader: SlideReader,
+    out: np.ndarray,
+    rect: tuple[float, float, float, float],
+    y: int,
+    x: int,
+    rows: int,
+    cols: int,
+    p: int,
+) -> None:
     out[y : y + rows * p, x : x + cols * p] = reader.read_region(
         rect[0], rect[1], (rect[2], rect[3]), (cols * p, rows * p)
     )

@@ -1,4 +1,5 @@
-"""Plain nn.Modules: backbones, the attention network, estimators and the joint model."""
+"""Plain nn.Modules behind one interface (:class:`SlideClassifier`): backbones, the attention network, estimators,
+the joint model, gated-attention MIL, the streaming engine and StreamingCLAM, and the architecture registry."""
 
 from loupe.models.attention import AttentionNetwork, attention_dropout, entropy_regulariser, normalise
 from loupe.models.backbones import Backbone, TinyCNN, create_backbone
@@ -8,17 +9,33 @@ from loupe.models.estimators import (
     expectation_without_replacement,
     sample_cells,
 )
-from loupe.models.factory import build_model
-from loupe.models.joint import JointAttentionSampler, JointOutput, attention_maps, magnification_totals
+from loupe.models.factory import ARCHITECTURES, architecture, build_model, resolve_inference
+from loupe.models.interface import (
+    InferenceSettings,
+    PixelSource,
+    SlideBatch,
+    SlideClassifier,
+    SlideOutput,
+    WholeImage,
+    magnification_totals,
+    split_by_magnification,
+)
+from loupe.models.joint import JointAttentionSampler
 
 __all__ = [
+    "ARCHITECTURES",
     "AttentionNetwork",
     "Backbone",
+    "InferenceSettings",
     "JointAttentionSampler",
-    "JointOutput",
+    "PixelSource",
+    "SlideBatch",
+    "SlideClassifier",
+    "SlideOutput",
     "TinyCNN",
+    "WholeImage",
+    "architecture",
     "attention_dropout",
-    "attention_maps",
     "build_model",
     "create_backbone",
     "entropy_regulariser",
@@ -27,5 +44,7 @@ __all__ = [
     "expectation_without_replacement",
     "magnification_totals",
     "normalise",
+    "resolve_inference",
     "sample_cells",
+    "split_by_magnification",
 ]

@@ -40,6 +40,7 @@ class AttentionNetwork(nn.Module):
         self.balance_magnifications = balance_magnifications
         self.heads = nn.ModuleList(nn.Conv2d(in_channels, 1, kernel_size=1) for _ in range(n_magnifications))
         for head in self.heads:
+            assert isinstance(head, nn.Conv2d) and head.bias is not None
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
 

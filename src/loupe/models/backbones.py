@@ -7,6 +7,7 @@ for timm models), so pretrained weights see what they were trained on.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,9 @@ class TinyCNN(nn.Module):
 class Backbone(nn.Module):
     """A feature extractor with a spatial map (for h) and a pooled embedding (for f)."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, net: nn.Module, num_features: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.net = net
@@ -53,7 +57,7 @@ class Backbone(nn.Module):
 
     def feature_map(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] → (B, C, h, w)."""
-        return self.net.forward_features((x - self.mean) / self.std)
+        return forward_features(self.net, (x - self.mean) / self.std)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] → (B, C) by global average pooling of the feature map."""
@@ -86,11 +90,11 @@ def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbon
         kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     else:
         kwargs["pretrained"] = bool(pretrained)
-    net = timm.create_model(name, **kwargs)
-    cfg = net.pretrained_cfg
+    model: nn.Module = timm.create_model(name, **kwargs)
+    cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
     return Backbone(
-        net,
-        net.num_features,
+        model,
+        int(getattr(model, "num_features")),  # noqa: B009  (timm's attribute, not typed on nn.Module)
         tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         tuple(cfg.get("std", (0.229, 0.224, 0.225))),
     )
@@ -101,3 +105,9 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
         raise ConfigError(f"pretrained checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def forward_features(net: nn.Module, x: Tensor) -> Tensor:
+    """``net.forward_features(x)``: the spatial feature map of a timm model (or :class:`TinyCNN`)."""
+    out: Tensor = net.forward_features(x)  # type: ignore[operator]  # timm's method, not typed on nn.Module
+    return out

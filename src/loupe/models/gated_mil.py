@@ -1,9 +1,8 @@
 """Gated-attention MIL over every valid patch of one magnification (Ilse et al. 2018; CLAM's head), as a baseline.
 
 The pipeline most users run today: cut the image into all patches at one magnification, embed each with f, pool
-them with gated attention, classify. It has the forward signature of :class:`JointAttentionSampler` and returns a
-:class:`JointOutput`, so the Lightning module, evaluate and predict (attention maps, GeoJSON) use it unchanged;
-its attention is the gated attention weights over the cells (zero on invalid cells), and the thumbnail is unused.
+them with gated attention, classify. Its attention (in evaluate and predict: maps, GeoJSON) is the gated attention
+weights over the cells (zero on invalid cells); the thumbnail is unused and nothing is sampled.
 """
 
 from __future__ import annotations
@@ -11,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loupe.models.backbones import Backbone
 from loupe.models.gated_attention import GatedAttention
-from loupe.models.joint import JointOutput, PatchReader, embed_patches, valid_cells
+from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
+from loupe.models.joint import PatchReader, embed_patches, patch_reader, valid_cells
 
 
-class GatedAttentionMIL(nn.Module):
+class GatedAttentionMIL(SlideClassifier):
     """All valid patches of one magnification → f → gated attention pooling → dropout + linear."""
 
     def __init__(
@@ -35,8 +36,6 @@ class GatedAttentionMIL(nn.Module):
         self.pool = GatedAttention(patch_net.num_features, hidden, attention_dropout)
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
         self.patch_chunk = patch_chunk
-        self.k = 0  # every valid cell is read; kept so that callers setting k (predict --k) do no harm
-        self.channels_last = False
 
     def embed(self, patches: Tensor) -> Tensor:
         """f on patches (B, n, 3, p, p) → (B, n, D), in chunks so that memory stays bounded."""
@@ -44,24 +43,35 @@ class GatedAttentionMIL(nn.Module):
 
     def forward(
         self,
-        thumbnails: Tensor,
+        batch: SlideBatch,
+        pixels: PixelSource,
+        inference: InferenceSettings | None = None,
+        labels: Tensor | None = None,
+    ) -> SlideOutput:
+        """Classify a batch from every valid cell of its single magnification (training and inference alike:
+        nothing is sampled, so ``inference`` does not apply); with ``labels``, the cross-entropy per slide."""
+        device = batch.valid.device
+        out = self.classify(batch.shapes, patch_reader(pixels, batch, device), batch.valid, len(batch), device)
+        if labels is not None:
+            out.loss = F.cross_entropy(out.logits, labels, reduction="none")
+        return out
+
+    def classify(
+        self,
         shapes: Sequence[tuple[int, int]],
         read_patches: PatchReader,
-        valid: Tensor | None = None,
-        mode: str = "exhaustive",
-        n_samples: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> JointOutput:
-        """Classify a batch from every valid cell of its single magnification; ``mode``, ``n_samples`` and
-        ``generator`` are accepted for signature compatibility and ignored (nothing is sampled)."""
+        valid: Tensor | None,
+        batch_size: int,
+        device: torch.device | None = None,
+    ) -> SlideOutput:
+        """Every valid cell of ``batch_size`` images (``valid`` (B, N), None: every cell) → f → gated pooling."""
         if len(shapes) != 1:
             raise ValueError(f"gated-attention MIL reads one magnification, got {len(shapes)} grid shapes")
-        b = thumbnails.shape[0]
+        b = batch_size
         n_cells = shapes[0][0] * shapes[0][1]
-        cells, real = valid_cells(valid, (b, n_cells), thumbnails.device)
+        cells, real = valid_cells(valid, (b, n_cells), device)
         feats = self.embed(read_patches(cells))
         pooled, weights = self.pool(feats, real)
         attention = torch.zeros(b, n_cells, dtype=weights.dtype, device=weights.device)
         attention = attention.scatter_add(1, cells, weights * real.to(weights.dtype))
-        regulariser = torch.zeros(b, dtype=pooled.dtype, device=pooled.device)
-        return JointOutput(self.classifier(pooled), attention, cells, regulariser)
+        return SlideOutput(self.classifier(pooled), attention, cells)

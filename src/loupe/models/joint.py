@@ -8,11 +8,12 @@ drawn → their patches read (by a callback: the model never touches slides) →
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loupe.config import INFERENCE_MODES
 from loupe.models.attention import AttentionNetwork, attention_dropout, entropy_regulariser
 from loupe.models.backbones import Backbone
 from loupe.models.estimators import (
@@ -21,24 +22,26 @@ from loupe.models.estimators import (
     expectation_without_replacement,
     sample_cells,
 )
-
-MODES = ("sample", "mean", "topk", "exhaustive")
+from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
 
 #: Reads the patches of cells: flat cell indices (B, n) → float patches (B, n, 3, p, p) in [0, 1].
 PatchReader = Callable[[Tensor], Tensor]
 
 
-@dataclass
-class JointOutput:
-    """What one forward pass produced."""
+def patch_reader(pixels: PixelSource, batch: SlideBatch, device: torch.device) -> PatchReader:
+    """The batch's cells → patches on ``device`` (pinned first on a GPU, so that the copy overlaps compute)."""
+    slides = batch.slides
 
-    logits: Tensor  # (B, C) class logits
-    attention: Tensor  # (B, N) attention over all cells (validity applied, before attention dropout)
-    cells: Tensor  # (B, n) flat indices of the cells whose patches were read
-    regulariser: Tensor  # (B,) R = Σ P log P of the attention
+    def read(cells: Tensor) -> Tensor:
+        patches = pixels.cells(slides, cells)
+        if device.type == "cuda":
+            patches = patches.pin_memory()
+        return patches.to(device, non_blocking=True)
+
+    return read
 
 
-class JointAttentionSampler(nn.Module):
+class JointAttentionSampler(SlideClassifier):
     """Thumbnail → where and at which magnification to look → k patches → class."""
 
     def __init__(
@@ -52,6 +55,9 @@ class JointAttentionSampler(nn.Module):
         attention_dropout: float = 0.0,
         classifier_dropout: float = 0.5,
         patch_chunk: int = 256,
+        estimator: str = "sampled",
+        entropy_alpha: float = 0.0,
+        inference: InferenceSettings | None = None,
     ) -> None:
         super().__init__()
         self.thumbnail_net = thumbnail_net
@@ -61,8 +67,10 @@ class JointAttentionSampler(nn.Module):
         self.replace = replace
         self.attention_dropout = attention_dropout
         self.patch_chunk = patch_chunk
-        self.channels_last = False
-        """Feed the backbones channels-last inputs (set together with the parameters' format)."""
+        self.estimator = estimator
+        """sampled: k cells per training step; exhaustive: every cell (the all-patches baseline)."""
+        self.entropy_alpha = entropy_alpha
+        self.inference = inference or InferenceSettings("mean", 8, k)
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
 
     def attend(
@@ -76,7 +84,31 @@ class JointAttentionSampler(nn.Module):
         """f on patches (B, n, 3, p, p) → (B, n, D), batched in chunks so that memory stays bounded."""
         return embed_patches(self.patch_net, patches, self.patch_chunk, self.channels_last)
 
+    def default_inference(self) -> InferenceSettings:
+        return self.inference
+
     def forward(
+        self,
+        batch: SlideBatch,
+        pixels: PixelSource,
+        inference: InferenceSettings | None = None,
+        labels: Tensor | None = None,
+    ) -> SlideOutput:
+        """Training (``inference`` None: one draw of k cells, or every cell with the exhaustive estimator) or
+        inference as ``inference`` says; with ``labels``, the loss CE + α·Σ P log P per slide."""
+        device = batch.thumbnails.device
+        thumbs = batch.thumbnails.to(torch.float32) / 255.0
+        if inference is None:
+            mode, samples, k = ("exhaustive" if self.estimator == "exhaustive" else "sample"), 1, self.k
+        else:
+            mode, samples, k = inference.mode, inference.samples, inference.k or self.k
+        out = self.classify(thumbs, batch.shapes, patch_reader(pixels, batch, device), batch.valid, mode, samples, k=k)
+        if labels is not None:
+            assert out.regulariser is not None
+            out.loss = F.cross_entropy(out.logits, labels, reduction="none") + self.entropy_alpha * out.regulariser
+        return out
+
+    def classify(
         self,
         thumbnails: Tensor,
         shapes: Sequence[tuple[int, int]],
@@ -85,15 +117,17 @@ class JointAttentionSampler(nn.Module):
         mode: str = "sample",
         n_samples: int = 1,
         generator: torch.Generator | None = None,
-    ) -> JointOutput:
-        """Classify a batch of images whose grids all have ``shapes``.
+        k: int | None = None,
+    ) -> SlideOutput:
+        """Classify a batch of images (float thumbnails in [0, 1]) whose grids all have ``shapes``.
 
-        Modes: ``sample`` (one draw of k cells; training uses it), ``mean`` (the estimator averaged over
-        ``n_samples`` draws), ``topk`` (the k most attended cells, weights renormalised), ``exhaustive`` (f on
-        every cell, exact Σ P f).
+        Modes: ``sample`` (one draw of ``k`` cells, default the model's; training uses it), ``mean`` (the
+        estimator averaged over ``n_samples`` draws), ``topk`` (the k most attended cells, weights renormalised),
+        ``exhaustive`` (f on every cell, exact Σ P f). ``regulariser`` is Σ P log P per image.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in INFERENCE_MODES:
+            raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
+        k = self.k if k is None else k
         _, probs = self.attend(thumbnails, shapes, valid)
         regulariser = entropy_regulariser(probs)
 
@@ -101,23 +135,23 @@ class JointAttentionSampler(nn.Module):
             cells, real = valid_cells(valid, probs.shape, probs.device)
             feats = self.embed(read_patches(cells))
             weights = probs.gather(1, cells) * real.to(probs.dtype)
-            return JointOutput(self.classifier(exact_expectation(weights, feats)), probs, cells, regulariser)
+            logits = self.classifier(exact_expectation(weights, feats))
+            return SlideOutput(logits, probs, cells, regulariser=regulariser)
 
         if mode == "topk":
-            k = min(self.k, probs.shape[1])
-            cells = torch.topk(probs.detach(), k, dim=-1).indices
+            cells = torch.topk(probs.detach(), min(k, probs.shape[1]), dim=-1).indices
             p = probs.gather(1, cells)
             feats = self.embed(read_patches(cells))
             pooled = (p.unsqueeze(-1) * feats).sum(1) / p.sum(1, keepdim=True).clamp_min(1e-12)
-            return JointOutput(self.classifier(pooled), probs, cells, regulariser)
+            return SlideOutput(self.classifier(pooled), probs, cells, regulariser=regulariser)
 
         draw_probs = probs
         if self.training and self.attention_dropout > 0:
-            draw_probs = attention_dropout(probs, self.attention_dropout, self.k, generator)
+            draw_probs = attention_dropout(probs, self.attention_dropout, k, generator)
         repeats = n_samples if mode == "mean" else 1
-        draws = [sample_cells(draw_probs, self.k, self.replace, generator) for _ in range(repeats)]
+        draws = [sample_cells(draw_probs, k, self.replace, generator) for _ in range(repeats)]
         cells = torch.cat(draws, dim=1)
-        feats = self.embed(read_patches(cells)).split(self.k, dim=1)
+        feats = self.embed(read_patches(cells)).split(k, dim=1)
         estimates = []
         for idx, f in zip(draws, feats, strict=True):
             p = draw_probs.gather(1, idx)
@@ -125,10 +159,10 @@ class JointAttentionSampler(nn.Module):
                 estimates.append(expectation_with_replacement(p, f))
             else:
                 n_alive = (draw_probs > 0).sum(-1, keepdim=True)
-                p_valid = torch.arange(self.k, device=p.device).expand_as(p) < n_alive
+                p_valid = torch.arange(k, device=p.device).expand_as(p) < n_alive
                 estimates.append(expectation_without_replacement(p, f, p_valid))
         pooled = torch.stack(estimates).mean(0)
-        return JointOutput(self.classifier(pooled), probs, cells, regulariser)
+        return SlideOutput(self.classifier(pooled), probs, cells, regulariser=regulariser)
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -157,15 +191,3 @@ def valid_cells(
     order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[:, :n]
     real = torch.arange(n, device=valid.device).expand(b, -1) < counts.unsqueeze(-1)
     return torch.where(real, order, order[:, :1]), real
-
-
-def magnification_totals(attention: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
-    """Each image's total attention per magnification: (B, N) → (B, m)."""
-    sizes = [r * c for r, c in shapes]
-    return torch.stack([part.sum(-1) for part in attention.split(sizes, dim=-1)], dim=-1)
-
-
-def attention_maps(attention: Tensor, shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """Split flat attention (B, N) into one (B, rows, cols) map per magnification."""
-    sizes = [r * c for r, c in shapes]
-    return [part.reshape(-1, r, c) for part, (r, c) in zip(attention.split(sizes, dim=-1), shapes, strict=True)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +99,7 @@ def _leaf_window(module: nn.Module, axis: int) -> tuple[int, int, int, int, bool
         elif module.padding == "same":
             p = d * (k - 1) // 2
         else:
+            assert not isinstance(module.padding, str)
             p = _pair(module.padding)[axis]
         if module.padding_mode != "zeros" and p > 0:
             raise ConfigError(f"cannot stream {module}: only zero padding is exact at tile borders")
@@ -346,6 +348,7 @@ class StreamingTrunk(nn.Module):
             crop = crop.to(param.device, non_blocking=True)
         x = self.preprocess(crop) if self.preprocess is not None else crop
         if self.checkpoint_segments and torch.is_grad_enabled():
+            assert isinstance(self.trunk, nn.Sequential)
             for child in self.trunk:
                 x = checkpoint(child, x, use_reentrant=False)
             return x
@@ -379,7 +382,14 @@ class _StreamFunction(torch.autograd.Function):
     """Forward: tiles without autograd, stitched. Backward: recompute tile by tile, back-propagate owned gradients."""
 
     @staticmethod
-    def forward(ctx, engine: StreamingTrunk, image: Tensor, keep: Tensor | None, out_shape, *params: Tensor):
+    def forward(
+        ctx: Any,
+        engine: StreamingTrunk,
+        image: Tensor,
+        keep: Tensor | None,
+        out_shape: tuple[int, ...],
+        *params: Tensor,
+    ) -> Tensor:
         param = next(engine.features.parameters(), None)
         device = param.device if param is not None else image.device
         ctx.engine, ctx.image, ctx.keep = engine, image, keep
@@ -403,7 +413,7 @@ class _StreamFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         engine: StreamingTrunk = ctx.engine
         image, keep = ctx.image, ctx.keep
         if keep is not None:
@@ -435,7 +445,14 @@ def resnet_sequential(model: nn.Module) -> nn.Sequential:
     needed = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4")
     if not all(hasattr(model, name) for name in needed):
         raise ConfigError(f"{type(model).__name__} is not a ResNet (needs {', '.join(needed)})")
-    act = getattr(model, "act1", None) or getattr(model, "relu", None)
-    stem = nn.Sequential(model.conv1, model.bn1, act, model.maxpool)
+    act = getattr(model, "act1", None) or getattr(model, "relu", None) or nn.Identity()
+    stem = nn.Sequential(*(_module(model, name) for name in ("conv1", "bn1")), act, _module(model, "maxpool"))
     blocks = [block for name in needed[3:] for block in getattr(model, name)]
     return nn.Sequential(stem, *blocks)
+
+
+def _module(parent: nn.Module, name: str) -> nn.Module:
+    child = getattr(parent, name)
+    if not isinstance(child, nn.Module):
+        raise ConfigError(f"{type(parent).__name__}.{name} is not a module")
+    return child

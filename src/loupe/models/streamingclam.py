@@ -11,15 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loupe.errors import ConfigError
-from loupe.models.backbones import Backbone
+from loupe.models.backbones import Backbone, forward_features
 from loupe.models.gated_attention import GatedAttention
-from loupe.models.streaming import StreamingTrunk, freeze_normalisation, resnet_sequential
+from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
+from loupe.models.streaming import StreamingTrunk, freeze_normalisation, output_shape, resnet_sequential
+
+if TYPE_CHECKING:
+    from loupe.config import ModelConfig, StreamingCLAMConfig
+
+#: Training images whose average statistics calibrate a randomly initialised trunk's normalisation layers.
+CALIBRATION_IMAGES = 16
 
 
 class _Features(nn.Module):
@@ -30,7 +39,7 @@ class _Features(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.forward_features(x)
+        return forward_features(self.net, x)
 
 
 @dataclass
@@ -43,8 +52,16 @@ class StreamingOutput:
     keep: Tensor  # (h*w,) bool: the positions that are instances
 
 
-class StreamingCLAM(nn.Module):
-    """Streamed CNN trunk → (local max-pool) → gated attention over every kept position → linear classifier."""
+class StreamingCLAM(SlideClassifier):
+    """Streamed CNN trunk → (local max-pool) → gated attention over every kept position → linear classifier.
+
+    Each slide is streamed alone, so the training loop accumulates slides (``accumulates_slides``). The loss is
+    the bag cross-entropy, or (1 − w)·bag CE + w·CLAM's instance loss with instance classifiers.
+    """
+
+    accumulates_slides = True
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self,
@@ -58,11 +75,15 @@ class StreamingCLAM(nn.Module):
         instance_classifiers: bool = False,
         instance_k: int = 8,
         k: int = 5,
+        instance_weight: float = 0.3,
+        freeze_encoder_epochs: int = 0,
+        calibrate: bool = False,
     ) -> None:
         super().__init__()
         freeze_normalisation(backbone.net)
         self.register_buffer("mean", backbone.mean.clone(), persistent=False)
         self.register_buffer("std", backbone.std.clone(), persistent=False)
+        trunk: nn.Module
         try:  # a ResNet streams as stem + blocks, each a checkpoint segment: a tile keeps one block's activations
             trunk, segments = resnet_sequential(backbone.net), True
         except ConfigError:
@@ -79,6 +100,10 @@ class StreamingCLAM(nn.Module):
         self.instance_k = instance_k
         self.k = k
         """Most attended positions reported as an image's key cells."""
+        self.instance_weight = instance_weight
+        self.freeze_encoder_epochs = freeze_encoder_epochs
+        self.calibrate = calibrate
+        """Calibrate the trunk's frozen normalisation on training images before training (random trunks)."""
 
     @property
     def trunk(self) -> nn.Module:
@@ -125,7 +150,68 @@ class StreamingCLAM(nn.Module):
             p.requires_grad_(trainable)
         freeze_normalisation(self.trunk)
 
-    def forward(self, image: Tensor, keep: Tensor | None = None, streamed: bool = True) -> StreamingOutput:
+    def forward(
+        self,
+        batch: SlideBatch,
+        pixels: PixelSource,
+        inference: InferenceSettings | None = None,
+        labels: Tensor | None = None,
+    ) -> SlideOutput:
+        """Each slide of the batch streamed whole (so ``inference`` only sets how many most attended positions
+        are reported as its cells); attention covers the slide's whole grid, zero outside the tissue crop."""
+        device = self.mean.device
+        k = inference.k if inference is not None and inference.k > 0 else self.k
+        valid = batch.valid.cpu().numpy()
+        rows, cols = batch.shapes[0]
+        logits, attention, cells, losses = [], [], [], []
+        for b, i in enumerate(batch.slides):
+            whole = pixels.whole(i, valid[b])
+            out = self.classify_image(whole.image.to(device), whole.keep.to(device))
+            logits.append(out.logits)
+            full = out.attention.new_zeros((rows, cols))
+            r0, c0, r1, c1 = whole.box
+            full[r0:r1, c0:c1] = out.attention
+            attention.append(full.reshape(-1))
+            top = self.top_cells(out, k)
+            width = c1 - c0
+            cells.append((top // width + r0) * cols + top % width + c0)
+            if labels is not None:
+                losses.append(self.loss(out, int(labels[b])))
+        n = max((len(c) for c in cells), default=0)
+        padded = [torch.cat([c, c[:1].expand(n - len(c))]) if len(c) else c.new_zeros(n) for c in cells]
+        result = SlideOutput(torch.cat(logits), torch.stack(attention), torch.stack(padded))
+        if labels is not None:
+            result.loss = torch.stack(losses)
+        return result
+
+    def loss(self, out: StreamingOutput, label: int) -> Tensor:
+        """One image's objective: bag cross-entropy, mixed with the instance loss when there are instance heads."""
+        ce = F.cross_entropy(out.logits, torch.tensor([label], device=out.logits.device))
+        if self.instance_classifiers is None:
+            return ce
+        w = self.instance_weight
+        return (1 - w) * ce + w * self.instance_loss(out, label)
+
+    def prepare_training(self, batches: Iterable[SlideBatch], pixels: PixelSource) -> None:
+        """Calibrate the frozen normalisation on up to :data:`CALIBRATION_IMAGES` training images (when asked)."""
+        if not self.calibrate:
+            return
+        images = []
+        for batch in batches:
+            valid = batch.valid.cpu().numpy()
+            for b, i in enumerate(batch.slides):
+                images.append(pixels.whole(i, valid[b]).image)
+                if len(images) >= CALIBRATION_IMAGES:
+                    break
+            if len(images) >= CALIBRATION_IMAGES:
+                break
+        self.calibrate_normalisation(images, max_side=self.stream.tile_size)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """The encoder trains from epoch ``freeze_encoder_epochs`` on; before that, only the head."""
+        self.set_encoder_trainable(epoch >= self.freeze_encoder_epochs)
+
+    def classify_image(self, image: Tensor, keep: Tensor | None = None, streamed: bool = True) -> StreamingOutput:
         """Classify one image (1, 3, H, W), uint8 or float in [0, 1].
 
         ``keep`` (h, w) bool marks the head's positions that are tissue (None: all); tiles of the trunk that
@@ -178,43 +264,55 @@ class StreamingCLAM(nn.Module):
             losses.append(F.cross_entropy(head(x), y.to(x.device)))
         return torch.stack(losses).mean()
 
-    def top_cells(self, out: StreamingOutput) -> Tensor:
-        """Flat indices (row-major over the head's positions) of the ``k`` most attended kept positions."""
+    def top_cells(self, out: StreamingOutput, k: int | None = None) -> Tensor:
+        """Flat indices (row-major over the head's positions) of the ``k`` (default: the model's) most attended
+        kept positions."""
         scores = out.attention.reshape(-1).detach().masked_fill(~out.keep, -1.0)
-        k = min(self.k, int(out.keep.sum()))
+        k = min(self.k if k is None else k, int(out.keep.sum()))
         return torch.topk(scores, k).indices if k > 0 else scores.new_zeros(0, dtype=torch.long)
 
 
-def build_streamingclam(model_cfg, streaming_cfg, n_classes: int) -> StreamingCLAM:
-    """StreamingCLAM from a run's ``model`` and ``streaming`` settings; checks that one grid cell
-    (``model.patch_size``) is exactly one position of the head (the trunk's stride × ``local_pool``)."""
+def build_streamingclam(model_cfg: ModelConfig, cfg: StreamingCLAMConfig, n_classes: int) -> StreamingCLAM:
+    """StreamingCLAM from a run's ``model`` and ``streamingclam`` settings (one magnification: checked when the
+    config is validated)."""
     from loupe.models.backbones import create_backbone
 
-    if len(model_cfg.magnifications) != 1:
-        raise ConfigError(
-            f"streamingclam reads the whole image at one magnification; model.magnifications has "
-            f'{len(model_cfg.magnifications)}: give one, e.g. ["0.5"]'
-        )
     backbone = create_backbone(model_cfg.patch_backbone, model_cfg.patch_pretrained)
-    model = StreamingCLAM(
+    calibrate = cfg.calibrate_normalisation
+    return StreamingCLAM(
         backbone,
         n_classes,
-        tile_size=streaming_cfg.tile_size,
-        local_pool=streaming_cfg.local_pool,
-        attention_hidden=streaming_cfg.attention_hidden,
-        attention_dropout=streaming_cfg.attention_dropout,
+        tile_size=cfg.tile_size,
+        local_pool=cfg.local_pool,
+        attention_hidden=cfg.attention_hidden,
+        attention_dropout=cfg.attention_dropout,
         classifier_dropout=model_cfg.classifier_dropout,
-        instance_classifiers=streaming_cfg.instance_loss,
-        instance_k=streaming_cfg.instance_k,
-        k=model_cfg.k,
+        instance_classifiers=cfg.instance_loss,
+        instance_k=cfg.instance_k,
+        k=cfg.k,
+        instance_weight=cfg.instance_weight,
+        freeze_encoder_epochs=cfg.freeze_encoder_epochs,
+        calibrate=model_cfg.patch_pretrained is False if calibrate is None else calibrate,
     )
+
+
+@lru_cache(maxsize=32)
+def trunk_stride(backbone: str) -> int:
+    """Input pixels per feature-map position of a backbone's trunk (32 for a ResNet), from its geometry alone
+    (built on the meta device: no weights are made)."""
+    from loupe.models.backbones import create_backbone
+
+    with torch.device("meta"):
+        net = create_backbone(backbone, False).net
     probe = 64 * 1024
-    stride = probe // model.stream.output_shape(probe, probe)[1]
-    cell = stride * streaming_cfg.local_pool
-    if model_cfg.patch_size != cell:
-        raise ConfigError(
-            f"model.patch_size={model_cfg.patch_size}: for streamingclam it is one feature-map position in pixels, "
-            f"the trunk's stride ({stride} for {model_cfg.patch_backbone}) × streaming.local_pool "
-            f"({streaming_cfg.local_pool}) = {cell}: set model.patch_size {cell}"
-        )
-    return model
+    try:
+        trunk: nn.Module = resnet_sequential(net)
+    except ConfigError:
+        trunk = _Features(net)
+    return probe // output_shape(trunk, probe, probe)[1]
+
+
+def cell_size(model_cfg: ModelConfig, cfg: StreamingCLAMConfig) -> int:
+    """One grid cell of a StreamingCLAM run in pixels: one position of the attention head, the trunk's stride ×
+    ``local_pool``."""
+    return trunk_stride(model_cfg.patch_backbone) * cfg.local_pool

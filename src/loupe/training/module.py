@@ -1,121 +1,129 @@
-"""The Lightning module that trains the joint attention-sampling model end to end."""
+"""The Lightning module that trains any :class:`~loupe.models.interface.SlideClassifier` end to end.
+
+The model owns its objective (``SlideOutput.loss``: cross-entropy plus its own terms) and its hooks (calibration
+before training, per-epoch freezing); this module owns the loop: automatic optimisation, or, for models that
+accumulate slides (StreamingCLAM), each slide forwarded and back-propagated alone with one optimiser step per
+batch. Adam; LR ×``lr_factor`` after ``lr_patience`` epochs without validation accuracy gain.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor
 
-from loupe.config import ModelConfig, TrainConfig
-from loupe.models.joint import JointOutput, magnification_totals
-from loupe.slides import parse_magnifications
+from loupe.config import TrainConfig
+from loupe.models.interface import (
+    InferenceSettings,
+    PixelSource,
+    SlideBatch,
+    SlideClassifier,
+    SlideOutput,
+    magnification_totals,
+)
+from loupe.models.runtime import Runtime
 
-#: Reads cells (B, n) of the batch's slides (catalog indices) → patches (B, n, 3, p, p) in [0, 1].
-BatchCellReader = Callable[[Sequence[int], Tensor], Tensor]
 
-#: Lightning precision settings that mean automatic mixed precision, and the dtype they compute in.
-AMP_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+class SlideClassifierModule(L.LightningModule):
+    """Trains ``model`` reading pixels through ``pixels``; validation runs ``validation`` inference (default: the
+    model's own). ``magnification_labels`` name the per-magnification attention shares it logs."""
 
-
-class AttentionSamplingModule(L.LightningModule):
-    """Cross-entropy + α·Σ P log P; Adam; LR ×factor after ``lr_patience`` epochs without val accuracy gain.
-
-    ``model`` is a :class:`~loupe.models.joint.JointAttentionSampler` or a model with its forward signature and
-    output (gated-attention MIL). The backbones run channels-last (``train.channels_last``), and on a GPU with a
-    mixed ``train.precision`` inference outside the Trainer (evaluate, predict) runs under the same autocast that
-    Lightning applies in training.
-    """
-
-    def __init__(self, model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        model: SlideClassifier,
+        train_cfg: TrainConfig,
+        pixels: PixelSource,
+        magnification_labels: list[str],
+        validation: InferenceSettings | None = None,
+        schedule: bool = True,
+    ) -> None:
         super().__init__()
         self.model = model
-        self.model_cfg = model_cfg
         self.train_cfg = train_cfg
-        self.cell_reader: BatchCellReader | None = None
-        mags = parse_magnifications(model_cfg.magnifications, model_cfg.magnification_labels)
-        self.magnification_labels = [m.label for m in mags]
+        self.pixels = pixels
+        self.magnification_labels = list(magnification_labels)
+        self.validation = validation or model.default_inference()
+        self.schedule = schedule
+        """Reduce the LR on a validation plateau (timing runs, which do not validate, turn it off)."""
+        self.runtime = Runtime(torch.device("cpu"), str(train_cfg.precision), train_cfg.channels_last)
+        self.automatic_optimization = not model.accumulates_slides
 
-    def run(self, batch: dict, mode: str, n_samples: int = 1) -> JointOutput:
-        """Forward one batch: thumbnails in, the chosen pooling mode, patches read through ``cell_reader``."""
-        if self.cell_reader is None:
-            raise RuntimeError("AttentionSamplingModule.cell_reader must be set before running")
-        device = self.device
-        self._use_channels_last()
-        thumbs = batch["thumbnail"].to(device, non_blocking=True).float().div_(255.0)
-        shapes = _grid_shapes(batch)
-        indices = [int(i) for i in batch["index"]]
-        reader = self.cell_reader
+    def run(self, batch: SlideBatch, inference: InferenceSettings | None, labels: Tensor | None) -> SlideOutput:
+        """The model on one batch, in the run's memory format and autocast (the one place both are applied)."""
+        self.runtime.prepare(self.model, move=False)
+        with self.runtime.autocast(self.device):
+            return self.model(batch, self.pixels, inference, labels)
 
-        def read(cells: Tensor) -> Tensor:
-            patches = reader(indices, cells)
-            if device.type == "cuda":
-                patches = patches.pin_memory()
-            return patches.to(device, non_blocking=True)
-
-        valid = batch.get("valid")
-        valid = valid.to(device, torch.bool) if valid is not None else None
-        with self._autocast(device):
-            return self.model(thumbs, shapes, read, valid=valid, mode=mode, n_samples=n_samples)
-
-    def _autocast(self, device: torch.device):
-        """Autocast for runs outside the Trainer (evaluate, predict) on a GPU with a mixed precision setting."""
-        dtype = AMP_DTYPES.get(str(self.train_cfg.precision))
-        if device.type != "cuda" or dtype is None or torch.is_autocast_enabled("cuda"):
-            return nullcontext()
-        return torch.autocast("cuda", dtype=dtype)
-
-    def _use_channels_last(self) -> None:
-        """Convert the model to channels-last once (with ``train.channels_last``): faster convolutions."""
-        if not getattr(self.train_cfg, "channels_last", False) or getattr(self.model, "channels_last", True):
-            return
-        self.model.to(memory_format=torch.channels_last)
-        self.model.channels_last = True
-
-    def _loss(self, out: JointOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
-        ce = F.cross_entropy(out.logits, labels)
-        return ce + self.model_cfg.entropy_alpha * out.regulariser.mean(), ce
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        mode = "exhaustive" if self.model_cfg.estimator == "exhaustive" else "sample"
-        out = self.run(batch, mode)
-        labels = batch["label"]
-        loss, ce = self._loss(out, labels)
+    def _log_step(self, prefix: str, out: SlideOutput, labels: Tensor, **kw: Any) -> Tensor:
+        assert out.loss is not None
+        loss = out.loss.float().mean()
+        ce = torch.nn.functional.cross_entropy(out.logits.float(), labels)
         acc = (out.logits.argmax(-1) == labels).float().mean()
-        bs = labels.shape[0]
         self.log_dict(
-            {"train_loss": loss, "train_ce": ce, "train_acc": acc},
+            {f"{prefix}_loss": loss.detach(), f"{prefix}_ce": ce.detach(), f"{prefix}_acc": acc},
             on_epoch=True,
-            on_step=False,
-            batch_size=bs,
+            batch_size=labels.shape[0],
+            **kw,
         )
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self.run(batch, self.train_cfg.inference, self.train_cfg.inference_samples)
-        labels = batch["label"]
-        loss, ce = self._loss(out, labels)
-        acc = (out.logits.argmax(-1) == labels).float().mean()
-        bs = labels.shape[0]
-        self.log_dict({"val_loss": loss, "val_ce": ce, "val_acc": acc}, on_epoch=True, prog_bar=True, batch_size=bs)
-        totals = magnification_totals(out.attention, _grid_shapes(batch)).mean(0)
+    # --- training -----------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.global_step == 0:  # a resumed run keeps what its checkpoint holds
+            self.model.prepare_training(self.trainer.train_dataloader or [], self.pixels)
+
+    def on_train_epoch_start(self) -> None:
+        self.model.begin_epoch(self.current_epoch)
+
+    def training_step(self, batch: SlideBatch, batch_idx: int) -> Tensor | None:
+        if self.automatic_optimization:
+            out = self.run(batch, None, batch.labels)
+            return self._log_step("train", out, batch.labels, on_step=False)
+        opt = self.optimizers()
+        assert not isinstance(opt, list)
+        opt.zero_grad()
+        n = len(batch)
+        outs = []
+        for b in range(n):  # one slide at a time: only one slide's activations live at once
+            out = self.run(batch.select([b]), None, batch.labels[b : b + 1])
+            assert out.loss is not None
+            self.manual_backward(out.loss.sum() / n)
+            outs.append(SlideOutput(out.logits.detach(), out.attention.detach(), out.cells, out.loss.detach()))
+        opt.step()
+        merged = SlideOutput(
+            torch.cat([o.logits for o in outs]),
+            torch.cat([o.attention for o in outs]),
+            torch.cat([o.cells for o in outs]),
+            torch.cat([o.loss for o in outs if o.loss is not None]),
+        )
+        self._log_step("train", merged, batch.labels, on_step=False)
+        return None
+
+    # --- validation ---------------------------------------------------------------------------------------
+    def validation_step(self, batch: SlideBatch, batch_idx: int) -> None:
+        out = self.run(batch, self.validation, batch.labels)
+        self._log_step("val", out, batch.labels, prog_bar=True)
+        totals = magnification_totals(out.attention.float(), batch.shapes).mean(0)
         for j, share in enumerate(totals):
-            self.log(f"val_attention_{self.magnification_labels[j]}", share, on_epoch=True, batch_size=bs)
+            self.log(f"val_attention_{self.magnification_labels[j]}", share, on_epoch=True, batch_size=len(batch))
 
-    def configure_optimizers(self):
-        return adam_with_plateau(self.parameters(), self.train_cfg)
+    def on_validation_epoch_end(self) -> None:
+        if self.automatic_optimization or not self.schedule or self.trainer.sanity_checking:
+            return
+        sched = self.lr_schedulers()
+        acc = self.trainer.callback_metrics.get("val_acc")
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and acc is not None:
+            sched.step(float(acc))
 
-
-def adam_with_plateau(params, cfg: TrainConfig) -> dict:
-    """The paper's optimisation: Adam, LR ×``lr_factor`` after ``lr_patience`` epochs without val accuracy gain."""
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_acc", "interval": "epoch"}}
-
-
-def _grid_shapes(batch: dict) -> list[tuple[int, int]]:
-    """The (rows, cols) per magnification shared by every slide of a batch (batches are bucketed by shape)."""
-    return [(int(r), int(c)) for r, c in batch["shapes"][0].tolist()]
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        opt = torch.optim.Adam(self.parameters(), lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay)
+        if not self.schedule:
+            return opt
+        cfg = self.train_cfg
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_acc", "interval": "epoch"}}

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from loupe.config import Config, load_config
 from loupe.data.manifest import load_manifest
@@ -21,12 +22,12 @@ N_OVERLAYS = 4
 
 def demo_config() -> Config:
     """The shipped demo preset."""
-    return load_config(resources.files("loupe") / "configs" / "demo.yaml")
+    return load_config(Path(str(resources.files("loupe") / "configs" / "demo.yaml")))
 
 
 def run_demo(
-    out: str | Path, signal_magnification: str = "highest", epochs: int | None = None, progress_bar: bool = True
-) -> dict:
+    *, out: str | Path, signal_magnification: str = "highest", epochs: int | None = None, progress_bar: bool = True
+) -> dict[str, Any]:
     """The whole main job on generated data; returns the test metrics (plus ``signal_magnification``)."""
     start = time.perf_counter()
     out = Path(out)
@@ -35,7 +36,7 @@ def run_demo(
     spec = SyntheticSpec(
         labels=tuple(labels),
         magnifications=(2.0, 1.0, 0.5),
-        patch_size=cfg.model.patch_size,
+        patch_size=cfg.joint.patch_size,
         signal=signal_magnification,
     )
     planted = spec.labels[spec.signal_index()]
@@ -47,13 +48,13 @@ def run_demo(
     if epochs is not None:
         train_cfg = dataclasses.replace(train_cfg, epochs=epochs)
     cfg = dataclasses.replace(cfg, train=train_cfg)
-    run = train(cfg, out / "run")
+    run = train(cfg, out=out / "run")
     trained = time.perf_counter()
 
-    metrics = evaluate(run, "test", out / "eval")
+    metrics = evaluate(run, split="test", out=out / "eval")
     test = load_manifest(manifest_path).subset("test")
     picks = [r.path for r in test.records[:N_OVERLAYS]]
-    predict(run, picks, out / "predict")
+    predict(run, picks, out=out / "predict")
     done = time.perf_counter()
 
     metrics = metrics | {
@@ -70,7 +71,7 @@ def run_demo(
     return metrics
 
 
-def _report(m: dict, slide_ids: list[str]) -> str:
+def _report(m: dict[str, Any], slide_ids: list[str]) -> str:
     share = m["attention_share"]
     planted = m["signal_magnification"]
     rows = "\n".join(

@@ -20,17 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from loupe.config import Config
 from loupe.data.catalog import SlideCatalog
-from loupe.data.loading import CellReader, PreparedSlides, describe_error, prepared_loader
+from loupe.data.loading import PreparedSlide, PreparedSlides, collate_slides, prepared_loader
 from loupe.data.manifest import SlideRecord, load_manifest, manifest_from_paths
-from loupe.errors import ManifestError
+from loupe.data.pixels import SlidePixels
+from loupe.errors import ManifestError, describe_error
+from loupe.models import InferenceSettings, SlideClassifier, resolve_inference
+from loupe.models.runtime import Runtime
 from loupe.reports import write_csv
 from loupe.slides.cache import file_identity
-from loupe.training.module import AttentionSamplingModule
-from loupe.workflows.common import InferenceSettings, attach_reader, load_run, magnifications_of, make_catalog
+from loupe.workflows.common import load_run, magnifications_of, make_catalog
+from loupe.workflows.inference import make_pixels, predict_batch, runtime_of
 from loupe.workflows.slide_outputs import PREDICTION_FILE, SlideResult, clean_partials, write_slide_folder
 from loupe.workflows.status import DONE, FAILED, PENDING, RunStatus
 
@@ -105,8 +107,9 @@ def _finished(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def predict(
-    run_dir: str | Path,
+    run: str | Path,
     slides: Sequence[str | Path],
+    *,
     out: str | Path,
     inference: str | None = None,
     samples: int | None = None,
@@ -123,7 +126,7 @@ def predict(
     Finished slides are skipped unless ``overwrite``; slides that failed before are retried only when their
     file or the settings that read them changed.
     """
-    cfg, module, ckpt = load_run(run_dir)
+    cfg, model, ckpt = load_run(run)
     data = cfg.data
     if slide_mpp is not None:
         data = dataclasses.replace(data, slide_mpp=slide_mpp)
@@ -136,13 +139,12 @@ def predict(
     catalog = make_catalog(records, cfg)
     classes = list(cfg.data.classes or [])
     labels = [m.label for m in magnifications_of(cfg)]
-    inference_settings = InferenceSettings.resolve(cfg, inference, samples, k)
-    module.model.k = inference_settings.k
+    inference_settings = resolve_inference(cfg, inference, samples, k)
     settings = _settings_record(cfg, inference_settings, ckpt)
 
     clean_partials(slides_dir)
     previous = RunStatus.previous_slides(out_dir / "status.json")
-    status = RunStatus(out_dir / "status.json", {"run": str(Path(run_dir).resolve()), "settings": settings})
+    status = RunStatus(out_dir / "status.json", {"run": str(Path(run).resolve()), "settings": settings})
     todo: list[int] = []
     for i, rec in enumerate(records):
         fp = _fingerprint(catalog, i, cfg)
@@ -164,30 +166,29 @@ def predict(
         log.info("%d of %d slides already done or failed with unchanged inputs: skipped", skipped, len(records))
 
     processed = []
-    reader = attach_reader(module, catalog, cfg)
-    module.eval()
+    pixels = make_pixels(catalog, cfg)
+    runtime = runtime_of(cfg)
     loader = prepared_loader(PreparedSlides(catalog, todo), workers if len(todo) > 1 else 0)
     # Outputs (figures, GeoJSON) are written by one background thread while the model runs on the next slide;
     # at most MAX_PENDING_WRITES results wait in memory.
     writes = _Writes(status, slides_dir, classes, labels, settings, len(todo))
     try:
         for n, item in enumerate(loader, start=1):
-            i = item["index"]
-            rec = catalog.records[i]
+            rec = catalog.records[item.index]
             processed.append(rec.slide_id)
             fp = status.slides[rec.slide_id]["fingerprint"]
-            if "error" in item:
-                _fail(status, rec, item["error"], fp, n, len(todo))
+            if item.error is not None:
+                _fail(status, rec, item.error, fp, n, len(todo))
                 continue
             try:
-                result = _run_model(module, reader, catalog, item, cfg, inference_settings)
+                result = _run_model(model, pixels, runtime, catalog, item, cfg, inference_settings)
             except Exception as err:  # report and skip: the other slides must still get their results
                 _fail(status, rec, describe_error(err), fp, n, len(todo))
                 continue
             writes.submit(n, rec, fp, result)
     finally:
         writes.finish()
-        reader.close()
+        pixels.close()
         catalog.close()
 
     _write_tables(out_dir, records, status, classes, labels)
@@ -246,42 +247,38 @@ def _fail(status: RunStatus, rec: SlideRecord, reason: str, fp: Any, n: int, tot
     status.set(rec.slide_id, FAILED, path=str(rec.path), reason=reason, fingerprint=fp)
 
 
-@torch.no_grad()
 def _run_model(
-    module: AttentionSamplingModule,
-    reader: CellReader,
+    model: SlideClassifier,
+    pixels: SlidePixels,
+    runtime: Runtime,
     catalog: SlideCatalog,
-    item: dict,
+    prepared: PreparedSlide,
     cfg: Config,
     settings: InferenceSettings,
 ) -> SlideResult:
-    """One slide through the model; the patch reading time is split from the rest of the forward pass."""
-    i = item["index"]
-    torch.manual_seed(cfg.train.seed)  # a slide's result does not depend on which slides ran before it
-    batch = {
-        "thumbnail": torch.from_numpy(np.array(item["thumbnail"], copy=True)).permute(2, 0, 1)[None],
-        "valid": torch.from_numpy(np.asarray(item["valid"], dtype=bool))[None],
-        "shapes": torch.tensor(item["shapes"])[None],
-        "index": torch.tensor([i]),
-    }
-    read_before = reader.seconds
+    """One slide through the shared inference path; the patch reading time is split from the rest of the model."""
+    assert prepared.item is not None
+    i = prepared.index
+    read_before = pixels.seconds
     start = time.perf_counter()
-    out = module.run(batch, settings.mode, settings.samples)
+    # Seeded per slide: a slide's result does not depend on which slides ran before it.
+    (pred,) = predict_batch(model, collate_slides([prepared.item]), pixels, settings, runtime, seed=cfg.train.seed)
     total = time.perf_counter() - start
-    patches = reader.seconds - read_before
+    patches = pixels.seconds - read_before
     timings = {step: 0.0 for step in TIMING_STEPS if step != "write"}
-    timings |= dict(item["timings"]) | {"patches": patches, "model": total - patches}
+    timings |= dict(prepared.timings) | {"patches": patches, "model": total - patches}
     rec = catalog.records[i]
+    assert prepared.overview is not None
     return SlideResult(
         slide_id=rec.slide_id,
         path=str(rec.path),
-        probs=torch.softmax(out.logits.float(), -1)[0].cpu().numpy(),
-        attention=out.attention[0].float().cpu().numpy(),
-        cells=out.cells[0].cpu().numpy(),
-        valid=np.asarray(item["valid"], dtype=bool),
+        probs=pred.probs,
+        attention=pred.attention,
+        cells=pred.cells,
+        valid=prepared.item.valid.numpy(),
         grid=catalog.grid(i),
-        overview=item["overview"],
-        tissue=item["tissue"],
+        overview=prepared.overview,
+        tissue=prepared.tissue,
         timings=timings,
         mpp=catalog.header(i).mpp,
     )

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from loupe.models.interface import split_by_magnification
 from loupe.reports import attention_overlay, heatmap_image, save_attention_npz, save_png, write_json
 from loupe.reports.geojson import write_attention_geojson
 from loupe.slides import SlideGrid
@@ -52,8 +53,7 @@ class SlideResult:
     def maps(self, values: np.ndarray | None = None) -> list[np.ndarray]:
         """A flat per-cell array (default: the attention) as one (rows, cols) map per magnification."""
         flat = self.attention if values is None else values
-        parts = np.split(flat, np.cumsum([g.n_cells for g in self.grid.grids])[:-1])
-        return [p.reshape(g.shape) for p, g in zip(parts, self.grid.grids, strict=True)]
+        return split_by_magnification(np.asarray(flat), [(int(g.shape[0]), int(g.shape[1])) for g in self.grid.grids])
 
 
 def summary(result: SlideResult, classes: list[str], labels: list[str], settings: dict[str, Any]) -> dict[str, Any]:

@@ -10,14 +10,19 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 from loupe.config import Config, dump_config
 from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import Manifest, load_manifest, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
 from loupe.errors import ConfigError
+from loupe.models import build_model
 from loupe.reports.io import write_text
-from loupe.workflows.common import RunPaths, attach_reader, build_module, make_catalog
+from loupe.training.module import SlideClassifierModule
+from loupe.training.trainer import build_trainer
+from loupe.workflows.common import RunPaths, magnifications_of, make_catalog
+from loupe.workflows.inference import make_pixels
 
 log = logging.getLogger("loupe")
 
@@ -47,7 +52,7 @@ def fold_splits(manifest: Manifest, folds: int, fold: int, val_fraction: float, 
     return assign_splits(manifest.with_records(records), val_fraction, test_fraction, seed)
 
 
-def train(cfg: Config, out: str | Path) -> Path:
+def train(cfg: Config, *, out: str | Path) -> Path:
     """Train into run folder ``out``; resumes from ``out/checkpoints/last.ckpt`` when it exists.
 
     The folder receives the resolved config (with the class order and the split manifest pinned, so evaluate
@@ -74,14 +79,15 @@ def train(cfg: Config, out: str | Path) -> Path:
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
-    def loader(indices: list[int], shuffle: bool):
+    def loader(indices: list[int], shuffle: bool) -> DataLoader:
         ds = ThumbnailDataset(catalog, indices, [labels[i] for i in indices], cfg.data.cache_thumbnails)
         return make_loader(ds, cfg.data.batch_size, shuffle, cfg.data.num_workers, cfg.train.seed)
 
     train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)
 
-    module = build_module(cfg, len(manifest.classes))
-    reader = attach_reader(module, catalog, cfg)
+    pixels = make_pixels(catalog, cfg)
+    labels_of_mags = [m.label for m in magnifications_of(cfg)]
+    module = SlideClassifierModule(build_model(cfg, len(manifest.classes)), cfg.train, pixels, labels_of_mags)
     checkpoint = ModelCheckpoint(
         dirpath=paths.checkpoints,
         filename="best",
@@ -90,19 +96,11 @@ def train(cfg: Config, out: str | Path) -> Path:
         save_last=True,
         enable_version_counter=False,
     )
-    trainer = L.Trainer(
-        max_epochs=cfg.train.epochs,
-        accelerator=cfg.train.accelerator,
-        devices=1,
-        precision=cfg.train.precision,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch")]
-        + ([TQDMProgressBar(refresh_rate=10)] if cfg.train.progress_bar else []),  # per-step redraws cost ~40%
+    bar = [TQDMProgressBar(refresh_rate=10)] if cfg.train.progress_bar else []  # per-step redraws cost ~40%
+    trainer = build_trainer(
+        cfg.train,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"), *bar],
         logger=CSVLogger(paths.root, name="logs"),  # logs/version_N: a resumed run keeps earlier logs
-        enable_progress_bar=cfg.train.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        use_distributed_sampler=False,
     )
     resume = paths.last if paths.last.is_file() else None
     if resume is not None:
@@ -111,7 +109,7 @@ def train(cfg: Config, out: str | Path) -> Path:
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
     finally:
-        reader.close()
+        pixels.close()
         catalog.close()
     log.info("trained in %.1f s", time.perf_counter() - start)
     return paths.root

@@ -1,0 +1,43 @@
+"""A quiet, readable console: every message once, as ``loupe: ...`` on stderr; no third-party advertisements and
+no deprecation warnings from libraries in a normal run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+#: Loggers whose messages reach the console: loupe's own and Lightning's (which otherwise may print its own copy).
+LOGGERS = ("loupe", "lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
+#: Fragments of messages that advertise instead of inform (Lightning's LitLogger / litmodels tips).
+ADVERTISEMENTS = ("💡 Tip", "litlogger", "litmodels", "Lightning Experiments platform")
+
+
+class _DropAdvertisements(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(fragment in text for fragment in ADVERTISEMENTS)
+
+
+def configure_console(level: int = logging.INFO, with_lightning: bool = True) -> None:
+    """One handler on the root logger, shared by loupe and Lightning; idempotent. ``with_lightning``: import it first,
+    so that the handlers it installs on import are replaced (else each of its messages prints twice). Library
+    deprecation warnings are hidden: they are for loupe's developers, whose tests show them."""
+    if with_lightning:
+        pass
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "_loupe", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("loupe: %(message)s"))
+        handler.addFilter(_DropAdvertisements())
+        handler._loupe = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if getattr(h, "_loupe", False)]
+        logger.propagate = True
+        logger.setLevel(level)
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)

@@ -1,0 +1,181 @@
+"""The one interface every slide classifier implements, and the types that cross it.
+
+Training, evaluate, predict and bench use a model only through :class:`SlideClassifier`: a batch of slides
+(:class:`SlideBatch`) and a source of pixels (:class:`PixelSource`) go in, one :class:`SlideOutput` (a row per
+slide) comes out. Models never open slides: pixels reach them only through the source passed to ``forward``.
+How a model is run (device, autocast, memory format) is decided in one place, :mod:`loupe.models.runtime`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+#: (rows, cols) of each magnification's grid.
+GridShapes = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class SlideBatch:
+    """Slides whose grids have the same shapes (batches are bucketed by shape), built by
+    :func:`loupe.data.loading.collate_slides`."""
+
+    thumbnails: Tensor  # (B, 3, h, w) uint8
+    valid: Tensor  # (B, N) bool: cells that may be attended (tissue, inside the image)
+    labels: Tensor  # (B,) int64 class indices, -1 where unknown
+    indices: Tensor  # (B,) int64 catalog indices of the slides
+    shapes: GridShapes  # the grid shapes shared by every slide of the batch
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def slides(self) -> list[int]:
+        """The catalog indices as Python ints (what a pixel source takes)."""
+        return [int(i) for i in self.indices.tolist()]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SlideBatch:
+        """The batch on ``device`` (Lightning moves batches through this method)."""
+        return replace(
+            self,
+            thumbnails=self.thumbnails.to(device, non_blocking=non_blocking),
+            valid=self.valid.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            indices=self.indices.to(device, non_blocking=non_blocking),
+        )
+
+    def select(self, rows: Sequence[int]) -> SlideBatch:
+        """A batch of some of the slides (e.g. one at a time for models that accumulate slide by slide)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.indices.device)
+        return SlideBatch(self.thumbnails[idx], self.valid[idx], self.labels[idx], self.indices[idx], self.shapes)
+
+
+@dataclass(frozen=True)
+class WholeImage:
+    """A slide's image at a model's magnification, cropped to whole grid cells (for models that see everything)."""
+
+    image: Tensor  # (1, 3, H, W) uint8, H = rows·p, W = cols·p (white beyond the slide's edge)
+    keep: Tensor  # (rows, cols) bool: the cells of the crop that are instances (tissue)
+    box: tuple[int, int, int, int]  # (row0, col0, row1, col1) of the crop in the slide's grid
+
+
+class PixelSource(Protocol):
+    """Where a model's pixels come from (:class:`loupe.data.pixels.SlidePixels` over a catalog of slides)."""
+
+    def cells(self, slides: Sequence[int], cells: Tensor) -> Tensor:
+        """Patches (B, n, 3, p, p) float in [0, 1] of flat cell indices (B, n) of the given slides."""
+        ...
+
+    def whole(self, slide: int, valid: np.ndarray | None) -> WholeImage:
+        """Slide ``slide``'s whole image at the model's (single) magnification; ``valid`` (N,) marks tissue."""
+        ...
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model pools at inference (evaluate, predict, validation); recorded beside every output.
+
+    ``mode`` and ``samples`` apply to the joint model; ``k`` is the number of patches read per sample (joint) or
+    the most attended positions reported (StreamingCLAM). Architectures that always read every patch report
+    ``exhaustive``.
+    """
+
+    mode: str = "exhaustive"
+    samples: int = 1
+    k: int = 0
+
+    def record(self) -> dict[str, object]:
+        """The JSON form: ``samples`` is what was averaged (1 unless mode is ``mean``)."""
+        return {"mode": self.mode, "samples": self.samples if self.mode == "mean" else 1, "k": self.k}
+
+
+@dataclass
+class SlideOutput:
+    """What a classifier produced for a batch; row b is slide b."""
+
+    logits: Tensor  # (B, C) class logits
+    attention: Tensor  # (B, N) attention over every cell of every magnification (0 where not attendable)
+    cells: Tensor  # (B, n) flat indices of the cells read (or, for whole-image models, the most attended)
+    loss: Tensor | None = None  # (B,) each slide's training objective, when labels were given
+    regulariser: Tensor | None = None  # (B,) Σ P log P of the attention, where the architecture has that term
+
+
+class SlideClassifier(nn.Module, ABC):
+    """A slide-level classifier: ``forward(batch, pixels, ...)`` → :class:`SlideOutput`.
+
+    ``forward`` with ``inference=None`` is the training forward (sampling as trained, regularisers on); with
+    settings it is the inference forward those settings describe. With ``labels`` the output carries each slide's
+    training objective (cross-entropy plus the architecture's own terms), so the training loop needs to know
+    nothing about an architecture. Models whose one slide already fills memory set ``accumulates_slides``: the
+    training loop then forwards and back-propagates their slides one at a time into one optimiser step.
+    """
+
+    #: Train slide by slide (forward, backward, next slide; one optimiser step per batch).
+    accumulates_slides: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels_last = False
+        """Feed the networks channels-last inputs; set by :func:`loupe.models.runtime.prepare_model` together with
+        the parameters' memory format."""
+
+    @abstractmethod
+    def forward(
+        self,
+        batch: SlideBatch,
+        pixels: PixelSource,
+        inference: InferenceSettings | None = None,
+        labels: Tensor | None = None,
+    ) -> SlideOutput:
+        """Classify ``batch`` reading pixels from ``pixels``; see the class docstring."""
+
+    def default_inference(self) -> InferenceSettings:
+        """The inference settings of this model when the caller gives none."""
+        return InferenceSettings()
+
+    def prepare_training(self, batches: Iterable[SlideBatch], pixels: PixelSource) -> None:
+        """Called once before the first training step of a new run (not on resume); e.g. calibration."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch; e.g. unfreezing an encoder after some epochs."""
+
+    def __call__(
+        self,
+        batch: SlideBatch,
+        pixels: PixelSource,
+        inference: InferenceSettings | None = None,
+        labels: Tensor | None = None,
+    ) -> SlideOutput:
+        output: SlideOutput = super().__call__(batch, pixels, inference, labels)
+        return output
+
+
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
+
+
+def split_by_magnification(flat: ArrayT, shapes: Sequence[tuple[int, int]]) -> list[ArrayT]:
+    """Split per-cell values (..., N) into one (..., rows, cols) map per magnification (row-major grids, in the
+    order of ``shapes``). Works on tensors and arrays alike: the one place that knows the flat cell layout."""
+    sizes = [int(r) * int(c) for r, c in shapes]
+    if sum(sizes) != flat.shape[-1]:
+        raise ValueError(f"{flat.shape[-1]} values for grids {list(shapes)} ({sum(sizes)} cells)")
+    lead = tuple(flat.shape[:-1])
+    if isinstance(flat, Tensor):
+        parts_t = flat.split(sizes, dim=-1)
+        return [p.reshape(*lead, int(r), int(c)) for p, (r, c) in zip(parts_t, shapes, strict=True)]
+    parts_a = np.split(flat, np.cumsum(sizes)[:-1], axis=-1)
+    return [p.reshape(*lead, int(r), int(c)) for p, (r, c) in zip(parts_a, shapes, strict=True)]
+
+
+def magnification_totals(attention: ArrayT, shapes: Sequence[tuple[int, int]]) -> ArrayT:
+    """Each slide's total attention per magnification: (..., N) → (..., m)."""
+    maps = split_by_magnification(attention, shapes)
+    if isinstance(attention, Tensor):
+        return torch.stack([m.sum((-2, -1)) for m in maps], dim=-1)
+    return np.stack([m.sum((-2, -1)) for m in maps], axis=-1)

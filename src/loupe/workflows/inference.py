@@ -1,0 +1,112 @@
+"""The one per-slide inference path, shared by evaluate (over a manifest, then metrics), predict (slide by slide,
+then outputs) and bench (timed): batches of slides through a :class:`SlideClassifier` in eval mode, without
+gradients, in the run's device, autocast and memory format, into one :class:`SlidePrediction` per slide."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loupe.config import Config
+from loupe.data.catalog import SlideCatalog
+from loupe.data.loading import ThumbnailDataset, make_loader
+from loupe.data.pixels import SlidePixels
+from loupe.models.interface import (
+    GridShapes,
+    InferenceSettings,
+    PixelSource,
+    SlideBatch,
+    SlideClassifier,
+    magnification_totals,
+    split_by_magnification,
+)
+from loupe.models.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class SlidePrediction:
+    """One slide's result: class probabilities, attention over every cell, the cells read, its grid shapes."""
+
+    index: int  # catalog index
+    probs: np.ndarray  # (C,)
+    attention: np.ndarray  # (N,) flat over every cell of every magnification
+    cells: np.ndarray  # (n,) flat indices of the cells read (or most attended)
+    shapes: GridShapes
+
+    def maps(self) -> list[np.ndarray]:
+        """The attention as one (rows, cols) map per magnification."""
+        return split_by_magnification(self.attention, self.shapes)
+
+    def totals(self) -> np.ndarray:
+        """(m,) the attention's total per magnification."""
+        return magnification_totals(self.attention.astype(np.float64), self.shapes)
+
+
+def runtime_of(cfg: Config) -> Runtime:
+    """Where and how a run's model runs at inference: the GPU when there is one and ``train.accelerator`` allows
+    it, the run's precision (autocast on a GPU) and memory format."""
+    return Runtime.of(cfg.train.accelerator, cfg.train.precision, cfg.train.channels_last)
+
+
+@torch.no_grad()
+def predict_batch(
+    model: SlideClassifier,
+    batch: SlideBatch,
+    pixels: PixelSource,
+    settings: InferenceSettings,
+    runtime: Runtime,
+    seed: int | None = None,
+) -> list[SlidePrediction]:
+    """``model`` on one batch of slides; ``seed`` (when given) makes the result of a slide independent of what ran
+    before it."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    runtime.prepare(model, move=False)
+    model.eval()
+    batch = batch.to(runtime.device, non_blocking=True)
+    with runtime.autocast():
+        out = model(batch, pixels, settings)
+    probs = torch.softmax(out.logits.float(), -1).cpu().numpy()
+    attention = out.attention.float().cpu().numpy()
+    cells = out.cells.cpu().numpy()
+    return [SlidePrediction(i, probs[b], attention[b], cells[b], batch.shapes) for b, i in enumerate(batch.slides)]
+
+
+def infer(
+    model: SlideClassifier,
+    catalog: SlideCatalog,
+    indices: Sequence[int],
+    cfg: Config,
+    settings: InferenceSettings,
+    *,
+    pixels: PixelSource | None = None,
+    runtime: Runtime | None = None,
+    batch_size: int | None = None,
+) -> list[SlidePrediction]:
+    """Predictions for catalog slides ``indices``, in that order (batched by grid shape, seeded once by the
+    run's seed). ``pixels`` defaults to a reader over ``catalog`` made and closed here."""
+    torch.manual_seed(cfg.train.seed)
+    runtime = runtime or runtime_of(cfg)
+    dataset = ThumbnailDataset(catalog, indices, cache=False)
+    loader = make_loader(dataset, batch_size or cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    own = pixels is None
+    source: PixelSource = pixels if pixels is not None else make_pixels(catalog, cfg)
+    by_index: dict[int, SlidePrediction] = {}
+    try:
+        for batch in loader:
+            for p in predict_batch(model, batch, source, settings, runtime):
+                by_index[p.index] = p
+    finally:
+        if own and isinstance(source, SlidePixels):
+            source.close()
+    return [by_index[int(i)] for i in indices]
+
+
+def make_pixels(catalog: SlideCatalog, cfg: Config) -> SlidePixels:
+    """The pixel source of a run over ``catalog``: ``data.read_threads`` threads; whole images cropped to the
+    tissue's box when StreamingCLAM asks for it and tissue detection is on."""
+    crop = cfg.streamingclam.crop_to_tissue and cfg.data.tissue
+    return SlidePixels(catalog, cfg.data.read_threads, crop_to_tissue=crop)
