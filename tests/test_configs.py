@@ -59,3 +59,12 @@ def test_paper_presets_have_the_paper_geometry(preset, size, grids, features):
         _, probs = model.attention(fmap, grid.shapes)
     assert fmap.shape[1:] == (2048, *features)
     assert probs.shape == (1, grid.n_cells) and torch.allclose(probs.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("name", ["demo", "camelyon16_streamingclam", "bach_gated_mil"])
+def test_a_loupe_0_1_config_reads_as_the_current_preset(name: str):
+    """Run folders written by loupe 0.1 (joint settings under model/train, a `streaming` section) still load:
+    the 0.1 form of each preset (tests/fixtures/configs) reads as the current preset."""
+    old = Path(__file__).resolve().parent / "fixtures" / "configs" / f"v0.1-{name}.yaml"
+    current = next(p for p in PRESETS if p.stem == name)
+    assert load_config(old) == load_config(current)

@@ -467,10 +467,65 @@ def _plain_type(text: str) -> str:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a YAML config (a shipped preset or a run's resolved config.yaml); unknown keys are errors."""
-    if not Path(path).is_file():
+    """Read a YAML config (a shipped preset or a run's resolved config.yaml); unknown keys are errors. A run folder
+    written by loupe 0.1 (joint settings under ``model``, ``streaming``) is read in the current layout."""
+    path = Path(path)
+    if not path.is_file():
         raise ConfigError(f"config {path} not found: give the path of a YAML config")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"config {path} is not readable YAML ({' '.join(str(err).split())})") from None
+    if isinstance(raw, dict) and is_legacy_layout(raw):
+        import logging
+        import tempfile
+
+        logging.getLogger("loupe").warning("%s: a loupe 0.1 config; read in the current layout", path)
+        with tempfile.TemporaryDirectory() as folder:
+            migrated = Path(folder) / path.name
+            migrated.write_text(yaml.safe_dump(migrate_legacy_layout(raw), sort_keys=False))
+            return parse_config(["--config", str(migrated)])
     return parse_config(["--config", str(path)])
+
+
+#: Settings that loupe 0.1 kept under ``model`` (and ``train``) and that now live in the ``joint`` section.
+_LEGACY_JOINT_MODEL = (
+    "patch_size", "thumbnail_size", "thumbnail_backbone", "thumbnail_pretrained", "k", "replace", "normalisation",
+    "balance_magnifications", "attention_dropout", "entropy_alpha", "estimator",
+)  # fmt: skip
+_LEGACY_JOINT_TRAIN = ("inference", "inference_samples")
+
+
+def is_legacy_layout(raw: dict[str, Any]) -> bool:
+    """A config dict in loupe 0.1's layout (a ``streaming`` section, or joint settings under model/train)."""
+    model, train = raw.get("model") or {}, raw.get("train") or {}
+    return (
+        "streaming" in raw
+        or any(k in model for k in _LEGACY_JOINT_MODEL)
+        or any(k in train for k in _LEGACY_JOINT_TRAIN)
+    )
+
+
+def migrate_legacy_layout(raw: dict[str, Any]) -> dict[str, Any]:
+    """loupe 0.1's layout → the current one. Settings that 0.1 ignored for an architecture (e.g. ``model.k`` of
+    gated MIL, ``model.patch_size`` of StreamingCLAM, which is now derived) are dropped, as they had no effect."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    model: dict[str, Any] = out.setdefault("model", {}) or {}
+    train: dict[str, Any] = out.setdefault("train", {}) or {}
+    arch = model.get("architecture", "joint")
+    moved = {k: model.pop(k) for k in _LEGACY_JOINT_MODEL if k in model}
+    moved |= {k: train.pop(k) for k in _LEGACY_JOINT_TRAIN if k in train}
+    streaming = out.pop("streaming", None) or {}
+    if arch == "joint":
+        out["joint"] = {**moved, **(out.get("joint") or {})}
+    elif arch == "gated_mil":
+        out["gated_mil"] = {**{k: moved[k] for k in ("patch_size",) if k in moved}, **(out.get("gated_mil") or {})}
+    elif arch == "streamingclam":
+        section = {**streaming, **{k: moved[k] for k in ("k",) if k in moved}}
+        out["streamingclam"] = {**section, **(out.get("streamingclam") or {})}
+    return out
 
 
 def dump_config(cfg: Config) -> str:

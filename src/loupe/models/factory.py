@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loupe.config import Config
+from loupe.config import INFERENCE_MODES, Config
 from loupe.errors import ConfigError
 from loupe.models.interface import InferenceSettings, SlideClassifier
 
@@ -95,7 +95,7 @@ ARCHITECTURES: dict[str, ArchitectureEntry] = {
         cell_size=lambda cfg: cfg.joint.patch_size,
         thumbnail_size=lambda cfg: (int(cfg.joint.thumbnail_size[0]), int(cfg.joint.thumbnail_size[1])),
         inference=_joint_inference,
-        inference_modes=("sample", "mean", "topk", "exhaustive"),
+        inference_modes=INFERENCE_MODES,
     ),
     "gated_mil": ArchitectureEntry(
         build=_build_gated_mil,
