@@ -15,7 +15,6 @@ from loupe.models.estimators import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Exact comparisons in float64, for this module's tests only (a module-level default leaked into every test
