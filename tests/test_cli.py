@@ -158,3 +158,23 @@ def test_import_bach_writes_a_manifest(loupe, tmp_path: Path):
     assert len(rows) == 9 and "mpp" in rows[0]
     bad = loupe("import-bach", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.csv"))
     _assert_clean_error(bad, "nowhere")
+
+
+def test_the_console_prints_each_lightning_message_once_and_no_advertisement():
+    """In a fresh process (as `loupe train` starts): Lightning, imported after the console is set up, must not print
+    its messages a second time through handlers of its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from loupe.console import configure_console\n"
+        "configure_console()\n"
+        "import lightning.pytorch\n"
+        "log = logging.getLogger('lightning.pytorch.utilities.rank_zero')\n"
+        "log.info('GPU available: False, used: False')\n"
+        "log.info('💡 Tip: try installing [litlogger]')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.count("GPU available") == 1 and "loupe: GPU available" in err, err
+    assert "litlogger" not in err, err

@@ -287,11 +287,14 @@ def usage() -> str:
     """``loupe --help``, generated from :data:`COMMANDS`."""
     from loupe import __version__
 
+    import textwrap
+
     width = max(len(name) for name in COMMANDS)
+    indent = " " * (width + 4)
     lines = [f"usage: loupe COMMAND [options]   (loupe {__version__})", "", "commands:"]
     for name, cmd in COMMANDS.items():
-        lines.append(f"  {name:<{width}}  {cmd.summary}")
-        lines.append(f"  {'':<{width}}    loupe {cmd.usage}")
+        lines.append(f"  {name:<{width}}  loupe {cmd.usage}")
+        lines += textwrap.wrap(cmd.summary, 110, initial_indent=indent, subsequent_indent=indent)
     lines += ["", "`loupe COMMAND --help` lists a command's options."]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@ no deprecation warnings from libraries in a normal run."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import warnings
@@ -23,8 +24,8 @@ def configure_console(level: int = logging.INFO, with_lightning: bool = True) ->
     """One handler on the root logger, shared by loupe and Lightning; idempotent. ``with_lightning``: import it first,
     so that the handlers it installs on import are replaced (else each of its messages prints twice). Library
     deprecation warnings are hidden: they are for loupe's developers, whose tests show them."""
-    if with_lightning:
-        pass
+    if with_lightning:  # its import installs handlers of its own, replaced below
+        importlib.import_module("lightning.pytorch")
     root = logging.getLogger()
     handler = next((h for h in root.handlers if getattr(h, "_loupe", False)), None)
     if handler is None:
@@ -33,6 +34,8 @@ def configure_console(level: int = logging.INFO, with_lightning: bool = True) ->
         handler.addFilter(_DropAdvertisements())
         handler._loupe = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    elif isinstance(handler, logging.StreamHandler):
+        handler.setStream(sys.stderr)  # the current stderr (tests and notebooks replace it)
     root.setLevel(logging.WARNING)
     for name in LOGGERS:
         logger = logging.getLogger(name)
