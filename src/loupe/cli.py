@@ -285,9 +285,9 @@ COMMANDS: dict[str, Command] = {
 
 def usage() -> str:
     """``loupe --help``, generated from :data:`COMMANDS`."""
-    from loupe import __version__
-
     import textwrap
+
+    from loupe import __version__
 
     width = max(len(name) for name in COMMANDS)
     indent = " " * (width + 4)
