@@ -14,6 +14,18 @@ LOGGERS = ("loupe", "lightning", "lightning.pytorch", "lightning.fabric", "light
 ADVERTISEMENTS = ("💡 Tip", "litlogger", "litmodels", "Lightning Experiments platform")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is emitted (tests and notebooks replace it)."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 class _DropAdvertisements(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
@@ -29,13 +41,11 @@ def configure_console(level: int = logging.INFO, with_lightning: bool = True) ->
     root = logging.getLogger()
     handler = next((h for h in root.handlers if getattr(h, "_loupe", False)), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("loupe: %(message)s"))
         handler.addFilter(_DropAdvertisements())
         handler._loupe = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    elif isinstance(handler, logging.StreamHandler):
-        handler.setStream(sys.stderr)  # the current stderr (tests and notebooks replace it)
     root.setLevel(logging.WARNING)
     for name in LOGGERS:
         logger = logging.getLogger(name)
