@@ -4,6 +4,7 @@ of another architecture's section is refused, not ignored."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from pathlib import Path
@@ -194,3 +195,19 @@ def test_a_run_config_holds_only_its_architecture_section(path: Path, tmp_path: 
     text = dump_config(cfg)
     for name in SECTIONS:
         assert (f"\n{name}:" in "\n" + text) == (name == cfg.model.architecture), name
+
+
+def test_a_printed_config_trains_as_it_was_printed(capsys, tmp_path: Path):
+    """`--print_config` writes every section; read back, the other architectures' sections at their defaults are not
+    settings the user made, so they are accepted; a changed value among them is still refused."""
+    args = _base_args(tmp_path, "gated_mil.patch_size")
+    with contextlib.suppress(SystemExit):  # jsonargparse exits after printing
+        main(["train", *args, "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert "joint:" in printed.read_text() and "streamingclam:" in printed.read_text()
+    code, err = _run(capsys, ["--config", str(printed), "--out", str(tmp_path / "r")])
+    assert code == 2 and "never-read.csv" in err, err  # the settings passed: the (missing) manifest is read next
+    code, err = _run(capsys, ["--config", str(printed), "--out", str(tmp_path / "r"), "--joint.k", "7"])
+    _assert_one_message(code, err, "joint.k:", "gated_mil")
+    assert "joint.replace" not in err

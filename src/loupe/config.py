@@ -394,7 +394,15 @@ def config_from_namespace(parser: ArgumentParser, namespace: Namespace, given: N
     sections = {name: init[name] for name in _SECTION_TYPES}
     architecture = sections["model"].architecture
     if given is not None:
-        explicit = [f"{name}.{key}" for name in SECTIONS if name != architecture for key in _given_keys(given, name)]
+        explicit = []
+        for name, kind in SECTIONS.items():
+            keys = _given_keys(given, name)
+            if name == architecture or not keys:
+                continue
+            listed = {f.name for f in fields(kind) if getattr(kind(), f.name) is not None}  # null ones read as unset
+            if set(keys) >= listed:  # a complete section, as --print_config writes it: only changed values count
+                keys = _changed_keys(sections[name], kind())
+            explicit += [f"{name}.{key}" for key in keys]
         if explicit:
             raise unused_settings_error(architecture, explicit)
     return Config(**sections)

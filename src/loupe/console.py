@@ -14,6 +14,14 @@ LOGGERS = ("loupe", "lightning", "lightning.pytorch", "lightning.fabric", "light
 ADVERTISEMENTS = ("💡 Tip", "litlogger", "litmodels", "Lightning Experiments platform")
 
 
+#: Library warnings about what loupe does on purpose: StreamingCLAM's normalisation layers stay frozen in eval mode
+#: (streaming is exact only so); a resumed run writes into its own checkpoint folder.
+EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",
+    r"Checkpoint directory .* exists and is not empty.*",
+)
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a message is emitted (tests and notebooks replace it)."""
 
@@ -54,3 +62,5 @@ def configure_console(level: int = logging.INFO, with_lightning: bool = True) ->
         logger.setLevel(level)
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
