@@ -88,7 +88,11 @@ class ModelConfig:
     """The patch network f (joint, gated_mil) or the streamed trunk (streamingclam): "tiny", "tiny_s8" or a timm
     model name."""
     patch_pretrained: bool | str = False
-    """false, true (timm hub weights) or the path of a local checkpoint."""
+    """false, true (timm hub weights) or the path of a local checkpoint (a registry encoder: its weights file)."""
+    freeze_patch_backbone: bool = False
+    """Keep the patch network as loaded: no gradient, eval mode, and on a GPU with mixed precision held in the
+    compute dtype. The attention network, the thumbnail network and the classifier still train end to end (the
+    estimator's gradient reaches the attention through P). For StreamingCLAM: the trunk never trains."""
     classifier_dropout: float = 0.5
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loupe.config import Config, JointConfig, ModelConfig, TrainConfig
+from loupe.config import Config, JointConfig, ModelConfig, StreamingCLAMConfig, TrainConfig
 from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import load_manifest
@@ -223,3 +223,63 @@ def test_streamingclam_inference_runs_under_the_run_autocast():
     )
     assert _Spy.entered == ["16-mixed"] and pred.probs.shape == (2,)
     assert model.channels_last  # the runtime's memory format reached the streamed model too
+
+
+def _frozen_module(freeze: bool) -> tuple[SlideClassifierModule, Reader]:
+    torch.manual_seed(0)
+    cfg = Config(
+        model=ModelConfig(freeze_patch_backbone=freeze),
+        joint=JointConfig(patch_size=P, thumbnail_size=(32, 32), k=3),
+    )
+    reader = Reader()
+    return SlideClassifierModule(build_model(cfg, 2), cfg.train, reader, ["a", "b", "c"]), reader
+
+
+def test_a_frozen_patch_network_gets_no_gradient_and_stays_in_eval_mode_while_the_rest_trains():
+    module, _ = _frozen_module(freeze=True)
+    module.train()
+    model = module.model
+    assert not model.patch_net.training and model.thumbnail_net.training
+    loss = module.training_step(_batch(), 0)
+    assert loss is not None
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.patch_net.parameters())
+    for part in (model.attention, model.thumbnail_net, model.classifier):  # end to end through the estimator
+        grads = [p.grad for p in part.parameters()]
+        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_freezing_changes_no_output():
+    frozen, _ = _frozen_module(freeze=True)
+    plain, _ = _frozen_module(freeze=False)
+    settings = InferenceSettings("exhaustive", 1, 3)
+    frozen.eval()
+    plain.eval()
+    with torch.no_grad():
+        a = frozen.run(_batch(), settings, None)
+        b = plain.run(_batch(), settings, None)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_a_frozen_patch_network_is_held_in_the_compute_dtype():
+    module, _ = _frozen_module(freeze=True)
+    module.model.set_compute_dtype(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in module.model.patch_net.parameters())
+    assert all(p.dtype == torch.float32 for p in module.model.attention.parameters())  # trained parts stay float32
+    module.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.run(_batch(), InferenceSettings("topk", 1, 3), None)
+    assert torch.isfinite(out.logits.float()).all()
+
+
+def test_a_frozen_streamingclam_trunk_never_trains():
+    cfg = Config(
+        model=ModelConfig(
+            architecture="streamingclam", magnifications=["0.5"], patch_backbone="tiny", freeze_patch_backbone=True
+        ),
+        streamingclam=StreamingCLAMConfig(freeze_encoder_epochs=1),
+    )
+    model = build_model(cfg, 2)
+    model.begin_epoch(5)
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    assert any(p.requires_grad for p in model.attention.parameters())

@@ -55,6 +55,7 @@ def _build_joint(cfg: Config, n_classes: int) -> SlideClassifier:
         estimator=j.estimator,
         entropy_alpha=j.entropy_alpha,
         inference=_joint_inference(cfg),
+        freeze_patch_net=cfg.model.freeze_patch_backbone,
     )
 
 
@@ -74,6 +75,7 @@ def _build_gated_mil(cfg: Config, n_classes: int) -> SlideClassifier:
         hidden=g.attention_hidden,
         attention_dropout=g.attention_dropout,
         classifier_dropout=cfg.model.classifier_dropout,
+        freeze_patch_net=cfg.model.freeze_patch_backbone,
     )
 
 

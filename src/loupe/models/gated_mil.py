@@ -30,16 +30,21 @@ class GatedAttentionMIL(SlideClassifier):
         attention_dropout: float = 0.0,
         classifier_dropout: float = 0.5,
         patch_chunk: int = 64,
+        freeze_patch_net: bool = False,
     ) -> None:
         super().__init__()
         self.patch_net = patch_net
         self.pool = GatedAttention(patch_net.num_features, hidden, attention_dropout)
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
         self.patch_chunk = patch_chunk
+        if freeze_patch_net:
+            self.freeze("patch_net")
 
     def embed(self, patches: Tensor) -> Tensor:
         """f on patches (B, n, 3, p, p) → (B, n, D), in chunks so that memory stays bounded."""
-        return embed_patches(self.patch_net, patches, self.patch_chunk, self.channels_last)
+        return embed_patches(
+            self.patch_net, patches, self.patch_chunk, self.channels_last, frozen="patch_net" in self.frozen
+        )
 
     def forward(
         self,

@@ -122,8 +122,31 @@ class SlideClassifier(nn.Module, ABC):
     def __init__(self) -> None:
         super().__init__()
         self.channels_last = False
-        """Feed the networks channels-last inputs; set by :func:`loupe.models.runtime.prepare_model` together with
-        the parameters' memory format."""
+        """Feed the networks channels-last inputs; set by :meth:`loupe.models.runtime.Runtime.prepare` together
+        with the parameters' memory format."""
+        self.frozen: tuple[str, ...] = ()
+        """Names of child networks that are frozen: no gradient, always in eval mode (see :meth:`freeze`)."""
+
+    def freeze(self, *names: str) -> None:
+        """Freeze child networks (e.g. a pretrained patch encoder): their parameters get no gradient and they stay in
+        eval mode (normalisation statistics and dropout fixed) whatever ``train()`` is called with."""
+        self.frozen = tuple(dict.fromkeys((*self.frozen, *names)))
+        for name in names:
+            net = getattr(self, name)
+            net.requires_grad_(False)
+            net.eval()
+
+    def train(self, mode: bool = True) -> SlideClassifier:
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Hold the frozen networks in ``dtype`` (the autocast dtype of a mixed-precision run on a GPU): they are
+        never trained, so their float32 master weights would only cost memory and casts."""
+        for name in self.frozen:
+            getattr(self, name).to(dtype)
 
     @abstractmethod
     def forward(

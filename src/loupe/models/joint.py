@@ -58,6 +58,7 @@ class JointAttentionSampler(SlideClassifier):
         estimator: str = "sampled",
         entropy_alpha: float = 0.0,
         inference: InferenceSettings | None = None,
+        freeze_patch_net: bool = False,
     ) -> None:
         super().__init__()
         self.thumbnail_net = thumbnail_net
@@ -72,6 +73,8 @@ class JointAttentionSampler(SlideClassifier):
         self.entropy_alpha = entropy_alpha
         self.inference = inference or InferenceSettings("mean", 8, k)
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
+        if freeze_patch_net:
+            self.freeze("patch_net")
 
     def attend(
         self, thumbnails: Tensor, shapes: Sequence[tuple[int, int]], valid: Tensor | None = None
@@ -82,7 +85,9 @@ class JointAttentionSampler(SlideClassifier):
 
     def embed(self, patches: Tensor) -> Tensor:
         """f on patches (B, n, 3, p, p) → (B, n, D), batched in chunks so that memory stays bounded."""
-        return embed_patches(self.patch_net, patches, self.patch_chunk, self.channels_last)
+        return embed_patches(
+            self.patch_net, patches, self.patch_chunk, self.channels_last, frozen="patch_net" in self.frozen
+        )
 
     def default_inference(self) -> InferenceSettings:
         return self.inference
@@ -169,10 +174,19 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def embed_patches(net: nn.Module, patches: Tensor, chunk: int, channels_last: bool = False) -> Tensor:
-    """``net`` on patches (B, n, 3, p, p) → (B, n, D), ``chunk`` patches per forward so that memory stays bounded."""
+def embed_patches(
+    net: nn.Module, patches: Tensor, chunk: int, channels_last: bool = False, frozen: bool = False
+) -> Tensor:
+    """``net`` on patches (B, n, 3, p, p) → (B, n, D), ``chunk`` patches per forward so that memory stays bounded.
+    A ``frozen`` net runs without autograd, on inputs in its own dtype (it may be held in half precision)."""
     b, n = patches.shape[:2]
     flat = patches.flatten(0, 1).contiguous(memory_format=_memory_format(channels_last))
+    if frozen:
+        param = next(net.parameters(), None)
+        if param is not None and param.is_floating_point():
+            flat = flat.to(param.dtype)
+        with torch.no_grad():
+            return torch.cat([net(c) for c in flat.split(chunk)]).view(b, n, -1)
     return torch.cat([net(c) for c in flat.split(chunk)]).view(b, n, -1)
 
 

@@ -45,10 +45,15 @@ class Runtime:
 
     def prepare(self, model: nn.Module, move: bool = True) -> nn.Module:
         """Put ``model`` in this runtime's memory format (channels-last networks read channels-last inputs: the
-        model's ``channels_last`` flag says so) and, with ``move``, on its device. Idempotent."""
+        model's ``channels_last`` flag says so) and, with ``move``, on its device; on a GPU with mixed precision its
+        frozen networks are held in the compute dtype. Idempotent."""
         if self.channels_last and not getattr(model, "channels_last", False):
             model.to(memory_format=torch.channels_last)
             setattr(model, "channels_last", True)  # noqa: B010  (a plain flag beside the parameters)
         if move:
             model.to(self.device)
+        dtype = AMP_DTYPES.get(self.precision)
+        set_dtype = getattr(model, "set_compute_dtype", None)
+        if self.device.type == "cuda" and dtype is not None and set_dtype is not None:
+            set_dtype(dtype)
         return model

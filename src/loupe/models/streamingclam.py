@@ -78,6 +78,7 @@ class StreamingCLAM(SlideClassifier):
         instance_weight: float = 0.3,
         freeze_encoder_epochs: int = 0,
         calibrate: bool = False,
+        freeze_trunk: bool = False,
     ) -> None:
         super().__init__()
         freeze_normalisation(backbone.net)
@@ -103,6 +104,10 @@ class StreamingCLAM(SlideClassifier):
         self.instance_weight = instance_weight
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.calibrate = calibrate
+        self.freeze_trunk = freeze_trunk
+        """Never train the trunk (a frozen pretrained encoder): only the head learns, no streamed backward."""
+        if freeze_trunk:
+            self.set_encoder_trainable(False)
         """Calibrate the trunk's frozen normalisation on training images before training (random trunks)."""
 
     @property
@@ -208,8 +213,9 @@ class StreamingCLAM(SlideClassifier):
         self.calibrate_normalisation(images, max_side=self.stream.tile_size)
 
     def begin_epoch(self, epoch: int) -> None:
-        """The encoder trains from epoch ``freeze_encoder_epochs`` on; before that, only the head."""
-        self.set_encoder_trainable(epoch >= self.freeze_encoder_epochs)
+        """The encoder trains from epoch ``freeze_encoder_epochs`` on (never when ``freeze_trunk``); before that,
+        only the head."""
+        self.set_encoder_trainable(not self.freeze_trunk and epoch >= self.freeze_encoder_epochs)
 
     def classify_image(self, image: Tensor, keep: Tensor | None = None, streamed: bool = True) -> StreamingOutput:
         """Classify one image (1, 3, H, W), uint8 or float in [0, 1].
@@ -293,6 +299,7 @@ def build_streamingclam(model_cfg: ModelConfig, cfg: StreamingCLAMConfig, n_clas
         instance_weight=cfg.instance_weight,
         freeze_encoder_epochs=cfg.freeze_encoder_epochs,
         calibrate=model_cfg.patch_pretrained is False if calibrate is None else calibrate,
+        freeze_trunk=model_cfg.freeze_patch_backbone,
     )
 
 

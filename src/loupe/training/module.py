@@ -49,12 +49,14 @@ class SlideClassifierModule(L.LightningModule):
         self.schedule = schedule
         """Reduce the LR on a validation plateau (timing runs, which do not validate, turn it off)."""
         self.runtime = Runtime(torch.device("cpu"), str(train_cfg.precision), train_cfg.channels_last)
+        """Precision and memory format of the run (the device is the module's, read at each step)."""
         self.automatic_optimization = not model.accumulates_slides
 
     def run(self, batch: SlideBatch, inference: InferenceSettings | None, labels: Tensor | None) -> SlideOutput:
         """The model on one batch, in the run's memory format and autocast (the one place both are applied)."""
-        self.runtime.prepare(self.model, move=False)
-        with self.runtime.autocast(self.device):
+        runtime = Runtime(self.device, self.runtime.precision, self.runtime.channels_last)
+        runtime.prepare(self.model, move=False)
+        with runtime.autocast():
             return self.model(batch, self.pixels, inference, labels)
 
     def _log_step(self, prefix: str, out: SlideOutput, labels: Tensor, **kw: Any) -> Tensor:
