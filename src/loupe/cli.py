@@ -107,6 +107,14 @@ def _demo_parser(prog: str) -> ArgumentParser:
     return parser
 
 
+def _export_parser(prog: str) -> ArgumentParser:
+    parser = _parser(prog)
+    parser.add_argument("run", help="run folder written by `loupe train`")
+    parser.add_argument("--out", required=True, help="weights file to write (a PyTorch state dict)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    return parser
+
+
 def _import_bach_parser(prog: str) -> ArgumentParser:
     from loupe.data.bach import BACH_MPP
 
@@ -208,6 +216,14 @@ def _demo(ns: Namespace, args: list[str]) -> int:
     return 0
 
 
+def _export(ns: Namespace, args: list[str]) -> int:
+    from loupe.workflows.export import export_patch_encoder
+
+    path = export_patch_encoder(ns.run, out=ns.out, checkpoint=ns.checkpoint)
+    print(f"wrote {path}: load it with --model.patch_pretrained {path} (and the run's model.patch_backbone)")
+    return 0
+
+
 def _import_bach(ns: Namespace, args: list[str]) -> int:
     from loupe.data.bach import import_bach
 
@@ -266,6 +282,12 @@ COMMANDS: dict[str, Command] = {
         "demo --out DIR [--signal-magnification highest|lowest|LABEL]",
         _demo_parser,
         _demo,
+    ),
+    "export-encoder": Command(
+        "a trained run's patch network as a weights file, to load as an encoder (e.g. frozen) in another run",
+        "export-encoder RUN --out FILE.pt",
+        _export_parser,
+        _export,
     ),
     "import-bach": Command(
         "a manifest of the BACH challenge photos (Normal/Benign/InSitu/Invasive, 0.42 µm/px)",

@@ -153,8 +153,12 @@ class SlideCatalog:
         if threads <= 1 or len(self.records) <= 1:
             found = [self._problem(i) for i in range(len(self.records))]
         else:
+            # The first slide alone: its reader's lazy imports happen in this thread. Several threads importing
+            # (compiling) one module at once can fail in CPython 3.11 ("SystemError: AST constructor recursion
+            # depth mismatch"), seen here on a fresh cache with PYTHONDONTWRITEBYTECODE set.
+            found = [self._problem(0)]
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="loupe-check") as pool:
-                found = list(pool.map(self._problem, range(len(self.records))))
+                found += list(pool.map(self._problem, range(1, len(self.records))))
         return [p for p in found if p is not None]
 
     def require_all(self) -> None:
