@@ -54,6 +54,10 @@ class DataConfig:
     """Keep each slide's header, thumbnail, overview and tissue mask in a disk cache, keyed by their parameters."""
     cache_dir: str | None = None
     """Cache folder; default $LOUPE_CACHE_DIR or ~/.cache/loupe."""
+    embedding_cache: bool = True
+    """With a frozen patch encoder (``model.freeze_patch_backbone``): keep every patch embedding on disk (under the
+    cache folder's ``embeddings/``, keyed by slide, encoder weights and cell), so an epoch embeds only cells never
+    embedded before and evaluate and predict reuse them."""
     folds: int | None = None
     """Cross-validation: the test split is fold ``fold`` of a stratified, patient-grouped k-fold; the manifest's
     split column is then ignored and val is drawn from the remaining folds."""

@@ -9,6 +9,7 @@ import numpy as np
 from torch import Tensor
 
 from loupe.data.catalog import SlideCatalog
+from loupe.data.embeddings import EmbeddingCache
 from loupe.data.loading import CellReader
 from loupe.data.whole_image import WholeImageReader
 from loupe.models.interface import WholeImage
@@ -17,10 +18,19 @@ from loupe.models.interface import WholeImage
 class SlidePixels:
     """A :class:`~loupe.models.interface.PixelSource` over ``catalog``: cells are read by ``threads`` threads;
     whole images (one magnification only) are read in parallel chunks, cropped to the tissue's bounding box with
-    ``crop_to_tissue``. Readers are made on first use; :meth:`close` stops their threads."""
+    ``crop_to_tissue``. Readers are made on first use; :meth:`close` stops their threads. ``embeddings``: a cache of
+    a frozen patch encoder's embeddings, consulted before any patch is read."""
 
-    def __init__(self, catalog: SlideCatalog, threads: int = 8, crop_to_tissue: bool = True) -> None:
+    def __init__(
+        self,
+        catalog: SlideCatalog,
+        threads: int = 8,
+        crop_to_tissue: bool = True,
+        embeddings: EmbeddingCache | None = None,
+    ) -> None:
         self.catalog = catalog
+        self.embeddings = embeddings
+        """Cached patch embeddings of a frozen encoder (models with a frozen patch network read through it)."""
         self.threads = threads
         self.crop_to_tissue = crop_to_tissue
         self._cells: CellReader | None = None

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from loupe.models.backbones import Backbone
 from loupe.models.gated_attention import GatedAttention
 from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
-from loupe.models.joint import PatchReader, embed_patches, patch_reader, valid_cells
+from loupe.models.joint import CellEmbedder, PatchReader, cell_embedder, embed_patches, patch_reader, valid_cells
 
 
 class GatedAttentionMIL(SlideClassifier):
@@ -56,7 +56,9 @@ class GatedAttentionMIL(SlideClassifier):
         """Classify a batch from every valid cell of its single magnification (training and inference alike:
         nothing is sampled, so ``inference`` does not apply); with ``labels``, the cross-entropy per slide."""
         device = batch.valid.device
-        out = self.classify(batch.shapes, patch_reader(pixels, batch, device), batch.valid, len(batch), device)
+        read = patch_reader(pixels, batch, device)
+        embed_cells = cell_embedder(self, self.embed, read, batch, pixels)
+        out = self.classify(batch.shapes, read, batch.valid, len(batch), device, embed_cells)
         if labels is not None:
             out.loss = F.cross_entropy(out.logits, labels, reduction="none")
         return out
@@ -68,6 +70,7 @@ class GatedAttentionMIL(SlideClassifier):
         valid: Tensor | None,
         batch_size: int,
         device: torch.device | None = None,
+        embed_cells: CellEmbedder | None = None,
     ) -> SlideOutput:
         """Every valid cell of ``batch_size`` images (``valid`` (B, N), None: every cell) → f → gated pooling."""
         if len(shapes) != 1:
@@ -75,7 +78,7 @@ class GatedAttentionMIL(SlideClassifier):
         b = batch_size
         n_cells = shapes[0][0] * shapes[0][1]
         cells, real = valid_cells(valid, (b, n_cells), device)
-        feats = self.embed(read_patches(cells))
+        feats = embed_cells(cells) if embed_cells is not None else self.embed(read_patches(cells))
         pooled, weights = self.pool(feats, real)
         attention = torch.zeros(b, n_cells, dtype=weights.dtype, device=weights.device)
         attention = attention.scatter_add(1, cells, weights * real.to(weights.dtype))

@@ -28,6 +28,22 @@ from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, S
 PatchReader = Callable[[Tensor], Tensor]
 
 
+#: Embeds the patches of cells: flat cell indices (B, n) → features (B, n, D).
+CellEmbedder = Callable[[Tensor], Tensor]
+
+
+def cell_embedder(model: SlideClassifier, embed: Callable[[Tensor], Tensor], read: PatchReader, batch: SlideBatch,
+                  pixels: PixelSource) -> CellEmbedder:  # fmt: skip
+    """Cells → features: read and embed, or, for a frozen patch network whose pixel source carries an embedding
+    cache, the cached embeddings with only the missing cells read and embedded (one read, one forward)."""
+    store = getattr(pixels, "embeddings", None)
+    if store is None or "patch_net" not in model.frozen:
+        return lambda cells: embed(read(cells))
+    slides = batch.slides
+    features: Callable[[Sequence[int], Tensor, Callable[[Tensor], Tensor]], Tensor] = store.features
+    return lambda cells: features(slides, cells, lambda missing: embed(read(missing)))
+
+
 def patch_reader(pixels: PixelSource, batch: SlideBatch, device: torch.device) -> PatchReader:
     """The batch's cells → patches on ``device`` (pinned first on a GPU, so that the copy overlaps compute)."""
     slides = batch.slides
@@ -107,7 +123,9 @@ class JointAttentionSampler(SlideClassifier):
             mode, samples, k = ("exhaustive" if self.estimator == "exhaustive" else "sample"), 1, self.k
         else:
             mode, samples, k = inference.mode, inference.samples, inference.k or self.k
-        out = self.classify(thumbs, batch.shapes, patch_reader(pixels, batch, device), batch.valid, mode, samples, k=k)
+        read = patch_reader(pixels, batch, device)
+        embed_cells = cell_embedder(self, self.embed, read, batch, pixels)
+        out = self.classify(thumbs, batch.shapes, read, batch.valid, mode, samples, k=k, embed_cells=embed_cells)
         if labels is not None:
             assert out.regulariser is not None
             out.loss = F.cross_entropy(out.logits, labels, reduction="none") + self.entropy_alpha * out.regulariser
@@ -123,22 +141,25 @@ class JointAttentionSampler(SlideClassifier):
         n_samples: int = 1,
         generator: torch.Generator | None = None,
         k: int | None = None,
+        embed_cells: CellEmbedder | None = None,
     ) -> SlideOutput:
         """Classify a batch of images (float thumbnails in [0, 1]) whose grids all have ``shapes``.
 
         Modes: ``sample`` (one draw of ``k`` cells, default the model's; training uses it), ``mean`` (the
         estimator averaged over ``n_samples`` draws), ``topk`` (the k most attended cells, weights renormalised),
-        ``exhaustive`` (f on every cell, exact Σ P f). ``regulariser`` is Σ P log P per image.
+        ``exhaustive`` (f on every cell, exact Σ P f). ``regulariser`` is Σ P log P per image. ``embed_cells``
+        (default: read, then f) turns cells into features (e.g. through an embedding cache).
         """
         if mode not in INFERENCE_MODES:
             raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
         k = self.k if k is None else k
+        embed = embed_cells if embed_cells is not None else (lambda cells: self.embed(read_patches(cells)))
         _, probs = self.attend(thumbnails, shapes, valid)
         regulariser = entropy_regulariser(probs)
 
         if mode == "exhaustive":
             cells, real = valid_cells(valid, probs.shape, probs.device)
-            feats = self.embed(read_patches(cells))
+            feats = embed(cells)
             weights = probs.gather(1, cells) * real.to(probs.dtype)
             logits = self.classifier(exact_expectation(weights, feats))
             return SlideOutput(logits, probs, cells, regulariser=regulariser)
@@ -146,7 +167,7 @@ class JointAttentionSampler(SlideClassifier):
         if mode == "topk":
             cells = torch.topk(probs.detach(), min(k, probs.shape[1]), dim=-1).indices
             p = probs.gather(1, cells)
-            feats = self.embed(read_patches(cells))
+            feats = embed(cells)
             pooled = (p.unsqueeze(-1) * feats).sum(1) / p.sum(1, keepdim=True).clamp_min(1e-12)
             return SlideOutput(self.classifier(pooled), probs, cells, regulariser=regulariser)
 
@@ -156,7 +177,7 @@ class JointAttentionSampler(SlideClassifier):
         repeats = n_samples if mode == "mean" else 1
         draws = [sample_cells(draw_probs, k, self.replace, generator) for _ in range(repeats)]
         cells = torch.cat(draws, dim=1)
-        feats = self.embed(read_patches(cells)).split(k, dim=1)
+        feats = embed(cells).split(k, dim=1)
         estimates = []
         for idx, f in zip(draws, feats, strict=True):
             p = draw_probs.gather(1, idx)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from loupe.config import Config
 from loupe.data.catalog import SlideCatalog
+from loupe.data.embeddings import EmbeddingCache, encoder_key
 from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.pixels import SlidePixels
 from loupe.models.interface import (
@@ -93,7 +95,7 @@ def infer(
     dataset = ThumbnailDataset(catalog, indices, cache=False)
     loader = make_loader(dataset, batch_size or cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     own = pixels is None
-    source: PixelSource = pixels if pixels is not None else make_pixels(catalog, cfg)
+    source: PixelSource = pixels if pixels is not None else make_pixels(catalog, cfg, model)
     by_index: dict[int, SlidePrediction] = {}
     try:
         for batch in loader:
@@ -105,8 +107,14 @@ def infer(
     return [by_index[int(i)] for i in indices]
 
 
-def make_pixels(catalog: SlideCatalog, cfg: Config) -> SlidePixels:
+def make_pixels(catalog: SlideCatalog, cfg: Config, model: SlideClassifier | None = None) -> SlidePixels:
     """The pixel source of a run over ``catalog``: ``data.read_threads`` threads; whole images cropped to the
-    tissue's box when StreamingCLAM asks for it and tissue detection is on."""
+    tissue's box when StreamingCLAM asks for it and tissue detection is on; with ``model`` whose patch network is
+    frozen (and ``data.embedding_cache``), an embedding cache keyed by that network's exact weights."""
     crop = cfg.streamingclam.crop_to_tissue and cfg.data.tissue
-    return SlidePixels(catalog, cfg.data.read_threads, crop_to_tissue=crop)
+    embeddings = None
+    patch_net = getattr(model, "patch_net", None)
+    if model is not None and cfg.data.embedding_cache and "patch_net" in model.frozen and patch_net is not None:
+        root = Path(cfg.data.cache_dir).expanduser() / "embeddings" if cfg.data.cache_dir else None
+        embeddings = EmbeddingCache(catalog, encoder_key(patch_net), root)
+    return SlidePixels(catalog, cfg.data.read_threads, crop_to_tissue=crop, embeddings=embeddings)

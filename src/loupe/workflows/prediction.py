@@ -166,7 +166,7 @@ def predict(
         log.info("%d of %d slides already done or failed with unchanged inputs: skipped", skipped, len(records))
 
     processed = []
-    pixels = make_pixels(catalog, cfg)
+    pixels = make_pixels(catalog, cfg, model)
     runtime = runtime_of(cfg)
     loader = prepared_loader(PreparedSlides(catalog, todo), workers if len(todo) > 1 else 0)
     # Outputs (figures, GeoJSON) are written by one background thread while the model runs on the next slide;

@@ -18,7 +18,7 @@ from loupe.data.manifest import Manifest, load_manifest, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
 from loupe.errors import ConfigError
 from loupe.models import build_model
-from loupe.reports.io import write_text
+from loupe.reports.io import write_json, write_text
 from loupe.training.module import SlideClassifierModule
 from loupe.training.trainer import build_trainer
 from loupe.workflows.common import RunPaths, magnifications_of, make_catalog
@@ -85,9 +85,10 @@ def train(cfg: Config, *, out: str | Path) -> Path:
 
     train_loader, val_loader = loader(train_idx, True), loader(val_idx, False)
 
-    pixels = make_pixels(catalog, cfg)
+    model = build_model(cfg, len(manifest.classes))
+    pixels = make_pixels(catalog, cfg, model)
     labels_of_mags = [m.label for m in magnifications_of(cfg)]
-    module = SlideClassifierModule(build_model(cfg, len(manifest.classes)), cfg.train, pixels, labels_of_mags)
+    module = SlideClassifierModule(model, cfg.train, pixels, labels_of_mags)
     checkpoint = ModelCheckpoint(
         dirpath=paths.checkpoints,
         filename="best",
@@ -112,4 +113,12 @@ def train(cfg: Config, *, out: str | Path) -> Path:
         pixels.close()
         catalog.close()
     log.info("trained in %.1f s", time.perf_counter() - start)
+    if pixels.embeddings is not None:  # how little of the slides a frozen encoder ever had to embed
+        cache = pixels.embeddings
+        info = cache.coverage(train_idx + val_idx) | {"embedded_now": cache.embedded, "reused_now": cache.reused}
+        write_json(paths.root / "embeddings.json", info)
+        log.info(
+            "patch embeddings: %.1f%% of the valid cells ever embedded; %d embedded, %d reused in this session",
+            100 * float(info["fraction_embedded"]), cache.embedded, cache.reused,
+        )  # fmt: skip
     return paths.root
