@@ -247,6 +247,10 @@ def _backbone(v: Any) -> bool:
 
     if v in TINY:
         return True
+    from loupe.models.encoders import ENCODERS
+
+    if v in ENCODERS:
+        return True
     import timm
 
     return bool(timm.is_model(v))

@@ -1,7 +1,8 @@
-"""Backbones for the thumbnail network h and the patch network f: any timm model by name, or a tiny CNN.
+"""Backbones for the thumbnail network h and the patch network f: a pathology foundation model by its registry
+name (:mod:`loupe.models.encoders`), any timm model by name, or a tiny CNN.
 
 Images come in as float tensors in [0, 1]; each backbone normalises them with its own mean and std (ImageNet's
-for timm models), so pretrained weights see what they were trained on.
+for timm models, the publisher's for registry encoders), so pretrained weights see what they were trained on.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class Backbone(nn.Module):
         super().__init__()
         self.net = net
         self.num_features = num_features
+        #: Channels of :meth:`feature_map` (the thumbnail network's output); equal to ``num_features`` except for
+        #: registry encoders whose embedding is not a token (Virchow2's class ‖ mean, CONCH's pooled 512).
+        self.map_channels = num_features
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -65,11 +69,19 @@ class Backbone(nn.Module):
 
 
 def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbone:
-    """Build a backbone: ``"tiny"``, ``"tiny_s8"`` or any timm model name (``"inception_v3"``, ``"resnet34"``...).
+    """Build a backbone: ``"tiny"``, ``"tiny_s8"``, a registry encoder (``"uni"``, ``"virchow2"``...:
+    :data:`loupe.models.encoders.ENCODERS`) or any timm model name (``"inception_v3"``, ``"resnet34"``...).
 
     ``pretrained`` is False (random init), True (weights from the timm hub name), or the path of a local
     checkpoint file (a state dict for that timm model), which is how weights reach machines without internet.
+    Registry encoders only take a path (the file their authors publish): loupe never downloads them.
     """
+    from loupe.models.encoders import ENCODERS, create_encoder, no_download_error
+
+    if name in ENCODERS:
+        if pretrained is True:
+            raise no_download_error(name, ENCODERS[name])
+        return create_encoder(name, None if pretrained is False else pretrained)
     if name in TINY:
         net = TinyCNN(TINY[name])
         if pretrained is True:
