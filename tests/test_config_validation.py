@@ -211,3 +211,26 @@ def test_a_printed_config_trains_as_it_was_printed(capsys, tmp_path: Path):
     code, err = _run(capsys, ["--config", str(printed), "--out", str(tmp_path / "r"), "--joint.k", "7"])
     _assert_one_message(code, err, "joint.k:", "gated_mil")
     assert "joint.replace" not in err
+
+
+def test_registry_encoders_take_weights_from_a_file_and_are_not_streamed():
+    from loupe.config import ModelConfig
+    from loupe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="never downloads"):
+        Config(model=ModelConfig(patch_backbone="uni", patch_pretrained=True))
+    with pytest.raises(ConfigError, match="streams a convolutional trunk"):
+        Config(model=ModelConfig(architecture="streamingclam", magnifications=["0.5"], patch_backbone="uni"))
+
+
+def test_a_registry_thumbnail_network_fits_the_attention_to_its_feature_map():
+    """CONCH's embedding (512) is not its feature map's width (768): A is sized by the map."""
+    import torch
+
+    from loupe.config import JointConfig
+    from loupe.models import JointAttentionSampler, build_model
+
+    with torch.device("meta"):
+        model = build_model(Config(joint=JointConfig(thumbnail_backbone="conch")), 2)
+    assert isinstance(model, JointAttentionSampler)
+    assert model.attention.heads[0].in_channels == model.thumbnail_net.map_channels == 768

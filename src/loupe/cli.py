@@ -242,6 +242,10 @@ def _import_bach(ns: Namespace, args: list[str]) -> int:
 
 
 def _bench(ns: Namespace, args: list[str]) -> int:
+    if args and args[0] == "wsi":
+        from loupe.bench.wsi import wsi_command
+
+        return wsi_command(args[1:])
     if args and args[0] == "streaming":
         from loupe.bench.streaming import streaming_command
 
@@ -297,7 +301,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "bench": Command(
         "the paper's speed tables and a profile (--accuracy: joint vs baselines trained on the same splits; "
-        "`bench streaming`: the streaming engine)",
+        "`bench wsi`: whole-slide cost against patch-everything; `bench streaming`: the streaming engine)",
         "bench [--config CONFIG] --out DIR [--quick | --accuracy] | bench streaming ...",
         _parser,
         _bench,

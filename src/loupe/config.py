@@ -256,7 +256,7 @@ def _backbone(v: Any) -> bool:
     return bool(timm.is_model(v))
 
 
-BACKBONE = _backbone, 'a backbone name: "tiny", "tiny_s8" or a timm model name (timm.list_models())'
+BACKBONE = _backbone, 'a backbone name: "tiny", "tiny_s8", a registry encoder (loupe.models.encoders) or a timm name'
 
 
 def _pretrained(v: Any) -> bool:
@@ -352,11 +352,32 @@ def validate_config(cfg: Config) -> None:
             f"model.magnifications={_show(m.magnifications)}: {m.architecture} reads one magnification; give one, "
             'e.g. ["0.5"]'
         )
+    _check_encoders(cfg)
     for name, kind in SECTIONS.items():
         if name != m.architecture:
             changed = _changed_keys(getattr(cfg, name), kind())
             if changed:
                 raise unused_settings_error(m.architecture, [f"{name}.{key}" for key in changed])
+
+
+def _check_encoders(cfg: Config) -> None:
+    """Registry encoders: weights only from a local file; StreamingCLAM streams a CNN trunk, not a ViT."""
+    from loupe.models.encoders import ENCODERS
+
+    pairs = [("model.patch", cfg.model.patch_backbone, cfg.model.patch_pretrained)]
+    if cfg.model.architecture == "joint":
+        pairs.append(("joint.thumbnail", cfg.joint.thumbnail_backbone, cfg.joint.thumbnail_pretrained))
+    for key, name, pretrained in pairs:
+        if name in ENCODERS and pretrained is True:
+            raise ConfigError(
+                f"{key}_pretrained=true: loupe never downloads weights; get {name}'s {ENCODERS[name].weights_file} "
+                f"from {ENCODERS[name].weights_url} under its licence and pass its path: --{key}_pretrained FILE"
+            )
+    if cfg.model.architecture == "streamingclam" and cfg.model.patch_backbone in ENCODERS:
+        raise ConfigError(
+            f"model.patch_backbone={cfg.model.patch_backbone!r}: streamingclam streams a convolutional trunk "
+            '(e.g. "resnet34"); registry encoders are vision transformers: use them with joint or gated_mil'
+        )
 
 
 def _changed_keys(value: Any, default: Any) -> list[str]:

@@ -41,7 +41,7 @@ def _build_joint(cfg: Config, n_classes: int) -> SlideClassifier:
     h = create_backbone(j.thumbnail_backbone, j.thumbnail_pretrained)
     f = create_backbone(cfg.model.patch_backbone, cfg.model.patch_pretrained)
     attention = AttentionNetwork(
-        h.num_features, len(cfg.model.magnifications), j.normalisation, j.balance_magnifications
+        h.map_channels, len(cfg.model.magnifications), j.normalisation, j.balance_magnifications
     )
     return JointAttentionSampler(
         h,
