@@ -139,11 +139,18 @@ def measure(name: str, slide: Path, s: Settings, out: Path) -> dict[str, Any]:
     cfg = pipeline_config(name, s)
     run = random_run(cfg, out / "runs" / name)
     cache = out / "cache" / f"{name}-{slide.stem}"
-    os.environ["LOUPE_CACHE_DIR"] = str(cache)
+    before = os.environ.get("LOUPE_CACHE_DIR")
+    os.environ["LOUPE_CACHE_DIR"] = str(cache)  # a cold slide cache of its own
     target = out / "predict" / name
     start = time.perf_counter()
-    with EncoderClock() as clock:
-        result = predict(run, [slide], out=target, workers=0, overwrite=True)
+    try:
+        with EncoderClock() as clock:
+            result = predict(run, [slide], out=target, workers=0, overwrite=True)
+    finally:
+        if before is None:
+            os.environ.pop("LOUPE_CACHE_DIR", None)
+        else:
+            os.environ["LOUPE_CACHE_DIR"] = before
     wall = time.perf_counter() - start
     entry = result.status.slides[slide.stem]
     if entry["status"] != "done":

@@ -116,5 +116,8 @@ def make_pixels(catalog: SlideCatalog, cfg: Config, model: SlideClassifier | Non
     patch_net = getattr(model, "patch_net", None)
     if model is not None and cfg.data.embedding_cache and "patch_net" in model.frozen and patch_net is not None:
         root = Path(cfg.data.cache_dir).expanduser() / "embeddings" if cfg.data.cache_dir else None
-        embeddings = EmbeddingCache(catalog, encoder_key(patch_net), root)
+        # The weights, and the precision and device they run in (a bf16 GPU embedding is not a float32 CPU one).
+        runtime = runtime_of(cfg)
+        key = f"{encoder_key(patch_net)}-{runtime.precision}-{runtime.device.type}"
+        embeddings = EmbeddingCache(catalog, key, root)
     return SlidePixels(catalog, cfg.data.read_threads, crop_to_tissue=crop, embeddings=embeddings)
