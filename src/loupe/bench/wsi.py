@@ -22,6 +22,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,15 @@ def random_run(cfg: Config, folder: Path) -> Path:
     return folder
 
 
-def encoder_flops(cfg: Config) -> int:
-    """FLOPs of one forward of the patch encoder on one cell (PyTorch's FLOP counter)."""
+@lru_cache(maxsize=8)
+def encoder_flops(encoder: str) -> int:
+    """FLOPs of one forward of patch encoder ``encoder`` on one cell (PyTorch's FLOP counter); counted once per
+    encoder (building a ViT-L or larger takes seconds)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from loupe.models.backbones import create_backbone
 
-    net = create_backbone(cfg.model.patch_backbone, False).eval()
+    net = create_backbone(encoder, False).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(torch.rand(1, 3, CELL, CELL))
     return int(counter.get_total_flops())
@@ -160,7 +163,7 @@ def measure(name: str, slide: Path, s: Settings, out: Path) -> dict[str, Any]:
     model_s = float(t.pop("model", 0.0))
     t["encoder"] = round(clock.seconds, 4)
     t["head"] = round(max(model_s - clock.seconds, 0.0), 4)
-    flops = encoder_flops(cfg)
+    flops = encoder_flops(cfg.model.patch_backbone)
     read = len(info["cells_read"])
     return {
         "pipeline": name,

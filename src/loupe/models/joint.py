@@ -8,6 +8,7 @@ drawn → their patches read (by a callback: the model never touches slides) →
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -206,9 +207,8 @@ def embed_patches(
         param = next(net.parameters(), None)
         if param is not None and param.is_floating_point():
             flat = flat.to(param.dtype)
-        with torch.no_grad():
-            return torch.cat([net(c) for c in flat.split(chunk)]).view(b, n, -1)
-    return torch.cat([net(c) for c in flat.split(chunk)]).view(b, n, -1)
+    with torch.no_grad() if frozen else nullcontext():
+        return torch.cat([net(c) for c in flat.split(chunk)]).view(b, n, -1)
 
 
 def valid_cells(

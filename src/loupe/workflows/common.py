@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from loupe.config import Config, load_config
@@ -89,3 +91,17 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Sli
     runtime: Runtime = runtime_of(cfg)
     runtime.prepare(model)
     return cfg, model, ckpt
+
+
+def prediction_row(
+    fields: dict[str, Any], probs: np.ndarray, totals: np.ndarray, classes: list[str], labels: list[str]
+) -> dict[str, Any]:
+    """One predictions.csv row: the given fields, predicted class, class probabilities, attention per magnification."""
+    row = dict(fields) | {"predicted": classes[int(probs.argmax())]}
+    row |= {f"prob_{c}": float(probs[j]) for j, c in enumerate(classes)}
+    return row | {f"attention_{lab}": float(totals[j]) for j, lab in enumerate(labels)}
+
+
+def prediction_columns(fields: list[str], classes: list[str], labels: list[str]) -> list[str]:
+    """The column order of predictions.csv, matching :func:`prediction_row`."""
+    return [*fields, "predicted", *(f"prob_{c}" for c in classes), *(f"attention_{m}" for m in labels)]

@@ -20,7 +20,14 @@ from loupe.reports import (
     write_csv,
     write_json,
 )
-from loupe.workflows.common import RunPaths, load_run, magnifications_of, make_catalog
+from loupe.workflows.common import (
+    RunPaths,
+    load_run,
+    magnifications_of,
+    make_catalog,
+    prediction_columns,
+    prediction_row,
+)
 from loupe.workflows.inference import infer
 
 
@@ -76,17 +83,3 @@ def evaluate(
         plot_pr(y_true, probs, classes, out_dir / "pr.png")
     plot_confusion(np.asarray(metrics["confusion_matrix"]), classes, out_dir / "confusion.png")
     return metrics
-
-
-def prediction_row(
-    fields: dict[str, Any], probs: np.ndarray, totals: np.ndarray, classes: list[str], labels: list[str]
-) -> dict[str, Any]:
-    """One predictions.csv row: the given fields, predicted class, class probabilities, attention per magnification."""
-    row = dict(fields) | {"predicted": classes[int(probs.argmax())]}
-    row |= {f"prob_{c}": float(probs[j]) for j, c in enumerate(classes)}
-    return row | {f"attention_{lab}": float(totals[j]) for j, lab in enumerate(labels)}
-
-
-def prediction_columns(fields: list[str], classes: list[str], labels: list[str]) -> list[str]:
-    """The column order of predictions.csv, matching :func:`prediction_row`."""
-    return [*fields, "predicted", *(f"prob_{c}" for c in classes), *(f"attention_{m}" for m in labels)]

@@ -31,7 +31,7 @@ from loupe.models import InferenceSettings, SlideClassifier, resolve_inference
 from loupe.models.runtime import Runtime
 from loupe.reports import write_csv
 from loupe.slides.cache import file_identity
-from loupe.workflows.common import load_run, magnifications_of, make_catalog
+from loupe.workflows.common import load_run, magnifications_of, make_catalog, prediction_columns
 from loupe.workflows.inference import make_pixels, predict_batch, runtime_of
 from loupe.workflows.slide_outputs import PREDICTION_FILE, SlideResult, clean_partials, write_slide_folder
 from loupe.workflows.status import DONE, FAILED, PENDING, RunStatus
@@ -290,7 +290,7 @@ def _write_tables(
     """predictions.csv and timings.csv over every finished slide of the request, in input order."""
     with_label = any(r.label for r in records)
     fields = ["slide_id", "path", *(["label"] if with_label else [])]
-    columns = [*fields, "predicted", *(f"prob_{c}" for c in classes), *(f"attention_{m}" for m in labels)]
+    columns = prediction_columns(fields, classes, labels)
     rows, timing_rows = [], []
     for rec in records:
         if status.slides.get(rec.slide_id, {}).get("status") != DONE:
