@@ -11,6 +11,7 @@ from loupe.models.estimators import (
     exact_expectation,
     expectation_with_replacement,
     expectation_without_replacement,
+    proposal,
     sample_cells,
 )
 
@@ -46,27 +47,33 @@ def _sequence_prob(probs: torch.Tensor, seq: tuple[int, ...], replace: bool) -> 
     return q
 
 
-def _expected_value_and_grads(n: int, k: int, d: int, replace: bool, kind: str, seed: int):
-    """Exact E[estimate], E[∂(v·estimate)/∂z], E[∂(v·estimate)/∂f], and the exact targets."""
+def _expected_value_and_grads(n: int, k: int, d: int, replace: bool, kind: str, seed: int, mix: float = 0.0):
+    """Exact E[estimate], E[∂(v·estimate)/∂z], E[∂(v·estimate)/∂f], and the exact targets; with ``mix`` > 0 the
+    draws come from the proposal (1 − mix)·P + mix·uniform and are weighted by P/q."""
     gen = torch.Generator().manual_seed(seed)
     z0 = torch.randn(n, generator=gen)
     f0 = torch.randn(n, d, generator=gen)
     v = torch.randn(d, generator=gen)
     probs0 = _normalise(z0, kind).detach()
+    q0 = proposal(probs0.unsqueeze(0), mix)[0] if mix > 0 else None
 
     ev = torch.zeros(d)
     egz = torch.zeros(n)
     egf = torch.zeros(n, d)
     total_q = 0.0
     for seq in _sequences(n, k, replace):
-        q = _sequence_prob(probs0, seq, replace)
+        q = _sequence_prob(probs0 if q0 is None else q0, seq, replace)
         total_q += q
         z = z0.clone().requires_grad_(True)
         f = f0.clone().requires_grad_(True)
         probs = _normalise(z, kind)
         idx = torch.tensor(seq)
         p_s, f_s = probs[idx].unsqueeze(0), f[idx].unsqueeze(0)
-        est = (expectation_with_replacement if replace else expectation_without_replacement)(p_s, f_s)[0]
+        q_s = None if q0 is None else q0[idx].unsqueeze(0)
+        if replace:
+            est = expectation_with_replacement(p_s, f_s, q=q_s)[0]
+        else:
+            est = expectation_without_replacement(p_s, f_s, q=q_s)[0]
         gz, gf = torch.autograd.grad(est @ v, (z, f))
         ev += q * est.detach()
         egz += q * gz
@@ -88,6 +95,41 @@ def test_estimator_value_and_gradients_are_unbiased_by_enumeration(replace, kind
     torch.testing.assert_close(ev, tv, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(egz, tz, atol=1e-12, rtol=1e-10)  # attention gradient, through the logits
     torch.testing.assert_close(egf, tf, atol=1e-12, rtol=1e-10)  # feature gradient
+
+
+@pytest.mark.parametrize("replace", [True, False])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(("n", "k"), [(4, 1), (4, 2), (5, 3), (4, 4)])
+@pytest.mark.parametrize("mix", [0.3, 1.0])
+def test_draws_from_a_uniform_mixed_proposal_stay_unbiased_by_enumeration(replace, kind, n, k, mix):
+    total_q, (ev, egz, egf), (tv, tz, tf) = _expected_value_and_grads(n, k, 3, replace, kind, n * 7 + k, mix)
+    assert total_q == pytest.approx(1.0, abs=1e-12)
+    torch.testing.assert_close(ev, tv, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(egz, tz, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(egf, tf, atol=1e-12, rtol=1e-10)
+
+
+def test_the_proposal_mixes_over_drawable_cells_only():
+    probs = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    q = proposal(probs, 0.5)
+    torch.testing.assert_close(q, torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]))
+    assert proposal(probs, 0.0) is not probs and torch.equal(proposal(probs, 0.0), probs)
+    with pytest.raises(ValueError, match="uniform_mix"):
+        proposal(probs, 1.5)
+
+
+def test_exhausted_rows_under_a_proposal_give_the_exact_sum():
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0]])
+    q = proposal(probs, 0.6)
+    idx = sample_cells(q, 5, replace=False, generator=torch.Generator().manual_seed(0))
+    f = torch.randn(1, 5, 4)
+    p_valid = torch.tensor([[True, True, True, False, False]])
+    est = expectation_without_replacement(probs.gather(1, idx), f[:, idx[0]], p_valid, q=q.gather(1, idx))
+    exact = exact_expectation(probs, f)
+    s0, s1 = idx[0, :2].tolist()
+    e0 = probs[0, s0] * f[0, s0] / q[0, s0]
+    e1 = probs[0, s0] * f[0, s0] + probs[0, s1] * f[0, s1] * (1 - q[0, s0]) / q[0, s1]
+    torch.testing.assert_close(est[0], (e0 + e1 + 3 * exact[0]) / 5)
 
 
 def _reference_style_attention_grad(probs: torch.Tensor, f: torch.Tensor, seq, v: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,13 @@ attention network learns from the patches it sampled (Katharopoulos & Fleuret, I
   because the draw distribution depends on P; we add the score-function term of the draws up to t
   (``e_t · ∇ log q(s_≤t)``, causal, so later draws add no variance), which makes the gradient exact in
   expectation.
+
+Both also accept draws from a *proposal* q ≠ P (:func:`proposal`: the attention mixed with a uniform over the cells
+it can draw, so that rare cells are still read while the attention knows nothing). Each draw is then weighted by
+P/q, with q held constant: with replacement ``f_s · P_s / q_s``; without replacement (successive draws from q)
+``e_t = Σ_{u<t} P_u f_u + P_t f_t · qm_t / q_t`` with ``qm_t = 1 − Σ_{u<t} q_u``. For any fixed q whose support
+covers P's, the expectation over the draws is Σ P f for every value of the parameters, so differentiating
+through P and f alone gives the exact gradient in expectation (no score term is needed).
 """
 
 from __future__ import annotations
@@ -45,22 +52,43 @@ def sample_cells(probs: Tensor, k: int, replace: bool, generator: torch.Generato
     return torch.where(pos < n_valid, idx, last_valid)
 
 
-def expectation_with_replacement(p: Tensor, f: Tensor) -> Tensor:
-    """Unbiased estimate of Σ P f from i.i.d. draws: p (B, k) sampled probabilities, f (B, k, D) features."""
-    w = p / p.detach()
+def proposal(probs: Tensor, uniform_mix: float) -> Tensor:
+    """The distribution to draw from: ``(1 − ε)·P + ε·uniform`` over each row's drawable cells (P > 0), detached.
+
+    ε = ``uniform_mix``; 0 gives P itself. Every cell P can draw keeps at least ε / n_cells of the draws.
+    """
+    if not 0.0 <= uniform_mix <= 1.0:
+        raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
+    probs = probs.detach()
+    if uniform_mix == 0.0:
+        return probs
+    alive = (probs > 0).to(probs.dtype)
+    uniform = alive / alive.sum(-1, keepdim=True).clamp_min(1.0)
+    return (1.0 - uniform_mix) * probs + uniform_mix * uniform
+
+
+def expectation_with_replacement(p: Tensor, f: Tensor, q: Tensor | None = None) -> Tensor:
+    """Unbiased estimate of Σ P f from i.i.d. draws: p (B, k) sampled probabilities, f (B, k, D) features;
+    ``q`` (B, k) the proposal's probabilities of the draws when they were drawn from one (default: P)."""
+    w = p / (p.detach() if q is None else q.detach())
     return (w.unsqueeze(-1) * f).mean(dim=1)
 
 
-def expectation_without_replacement(p: Tensor, f: Tensor, p_valid: Tensor | None = None) -> Tensor:
+def expectation_without_replacement(
+    p: Tensor, f: Tensor, p_valid: Tensor | None = None, q: Tensor | None = None
+) -> Tensor:
     """Unbiased estimate of Σ P f from draws without replacement, in draw order.
 
-    ``p`` (B, k) are the probabilities of the drawn cells in draw order, ``f`` (B, k, D) their features. Draws
-    after a row's probability mass is exhausted (fewer nonzero cells than k) must be flagged False in
-    ``p_valid``; they then contribute the exact sum of the earlier draws.
+    ``p`` (B, k) are the probabilities of the drawn cells in draw order, ``f`` (B, k, D) their features, ``q``
+    (B, k) the proposal's probabilities of the draws when they were drawn from one (default: P). Draws after a
+    row's probability mass is exhausted (fewer nonzero cells than k) must be flagged False in ``p_valid``; they
+    then contribute the exact sum of the earlier draws.
     """
     if p_valid is None:
         p_valid = torch.ones_like(p, dtype=torch.bool)
     p = torch.where(p_valid, p, torch.zeros_like(p))
+    if q is not None:
+        return _importance_without_replacement(p, f, p_valid, q.detach())
     before = torch.cumsum(p, dim=1) - p  # Σ_{u<t} P_u, exclusive
     pm = (1.0 - before).clamp_min(0.0)
     weighted_before = torch.cumsum(p.unsqueeze(-1) * f, dim=1) - p.unsqueeze(-1) * f
@@ -74,6 +102,16 @@ def expectation_without_replacement(p: Tensor, f: Tensor, p_valid: Tensor | None
     score = score - score.detach()  # value 0, gradient ∇ log q(s_≤t)
     surrogate = e + e.detach() * score.unsqueeze(-1)
     return surrogate.mean(dim=1)
+
+
+def _importance_without_replacement(p: Tensor, f: Tensor, p_valid: Tensor, q: Tensor) -> Tensor:
+    """Mean over t of ``Σ_{u<t} P_u f_u + P_t f_t · qm_t / q_t`` for draws from the fixed proposal q."""
+    q = torch.where(p_valid, q, torch.zeros_like(q))
+    qm = (1.0 - (torch.cumsum(q, dim=1) - q)).clamp_min(0.0)
+    weight = torch.where(p_valid, qm / torch.where(p_valid, q, torch.ones_like(q)), torch.zeros_like(q))
+    pf = p.unsqueeze(-1) * f
+    e = torch.cumsum(pf, dim=1) - pf + (weight.unsqueeze(-1) * pf)
+    return e.mean(dim=1)
 
 
 def exact_expectation(probs: Tensor, f: Tensor) -> Tensor:
