@@ -115,3 +115,44 @@ def test_generate_dataset_is_deterministic_and_reuses_its_files(tmp_path):
     assert json.loads((tmp_path / "a" / "dataset.json").read_text())["seed"] == 1
     regenerated = (tmp_path / "a" / "images" / "train_0000.tif").read_bytes()
     assert regenerated != (tmp_path / "b" / "images" / "train_0000.tif").read_bytes()
+
+
+@pytest.mark.parametrize(("evidence", "size"), [(0.01, 320), (0.005, 480), (0.02, 256)])
+def test_sparse_spec_sizes_the_image_so_that_one_cell_is_the_evidence(evidence: float, size: int):
+    from loupe.data.synthetic import sparse_spec
+
+    spec = sparse_spec(evidence)
+    assert spec.image_size == size and spec.lesion_cells(spec.signal_index()) == 1
+    assert spec.evidence_fraction() <= evidence + 1e-12
+    assert spec.evidence_fraction() == pytest.approx(32**2 / size**2)
+    with pytest.raises(ValueError, match="evidence fraction"):
+        sparse_spec(0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_decoys_look_like_evidence_at_other_magnifications_but_carry_no_label(seed: int):
+    from loupe.data.synthetic import sparse_spec
+
+    spec = sparse_spec(0.01, distractors=2)
+    h0, v0 = _pair(spec, seed)
+    differs = np.abs(h0 - v0).max(-1) > 0
+    rows, cols = np.nonzero(differs)
+    # The classes differ inside one 20x cell only: the decoys are the same whatever the label.
+    assert rows.max() // 32 == rows.min() // 32 and cols.max() // 32 == cols.min() // 32
+    # Decoys are there: one-pixel checkerboards at 10x (2×2 blocks) and at 5x (4×4 blocks) outside that cell.
+    outside = h0.copy()
+    r0, c0 = (rows.min() // 32) * 32, (cols.min() // 32) * 32
+    outside[r0 : r0 + 32, c0 : c0 + 32] = outside[r0, c0 - 1 if c0 else c0 + 32]
+    for d, label in ((2, "10x"), (4, "5x")):
+        view = magnification_views(outside, [d])[0]
+        checker = np.abs(np.diff(view, axis=1)).sum(-1)
+        assert (checker > 300).sum() >= 10, f"no decoy evidence at {label}"
+
+
+def test_dataset_json_records_the_evidence_fraction(tmp_path):
+    from loupe.data.synthetic import sparse_spec
+
+    spec = sparse_spec(0.01, splits={"train": 2, "val": 1, "test": 1})
+    generate_dataset(tmp_path, spec)
+    info = json.loads((tmp_path / "dataset.json").read_text())
+    assert info["evidence_fraction"] == pytest.approx(0.01) and info["distractors"] == 2
