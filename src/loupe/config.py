@@ -115,6 +115,19 @@ class JointConfig:
     """Patches read per sample."""
     replace: bool = False
     """Sample with replacement (i.i.d.) or without (Gumbel-top-k)."""
+    uniform_mix: float = 0.5
+    """Training draws come from (1 − uniform_mix)·attention + uniform_mix·uniform over the cells, weighted by
+    attention/proposal (unbiased): every cell keeps being read while the attention still knows nothing."""
+    train_draws: int = 4
+    """Independent draws of k cells per slide in a training step, each classified and scored on its own (the loss
+    is their mean: the same objective as one draw, with 1/train_draws of its variance). Rare evidence is read
+    train_draws times as often, at full weight; one draw (the paper's) is unstable on hard tasks. Costs
+    train_draws × k patches per slide and step."""
+    novelty: float = 1.0
+    """Weight, during the first novelty_epochs epochs, of a pull of the attention towards the drawn cells whose
+    patches look least like the rest of the slide: a prior that finds small lesions before the classifier can (it
+    shapes the attention only; the estimate of Σ P f stays unbiased)."""
+    novelty_epochs: int = 10
     normalisation: Literal["sigmoid", "softmax"] = "sigmoid"
     balance_magnifications: bool = True
     """Start every magnification with the same total attention, whatever its number of cells."""
@@ -291,6 +304,10 @@ RULES: dict[str, tuple[Check, str]] = {
     "joint.k": POSITIVE_INT,
     "joint.attention_dropout": DROPOUT,
     "joint.entropy_alpha": NON_NEGATIVE,
+    "joint.uniform_mix": FRACTION,
+    "joint.train_draws": POSITIVE_INT,
+    "joint.novelty_epochs": NON_NEGATIVE_INT,
+    "joint.novelty": NON_NEGATIVE,
     "joint.inference_samples": POSITIVE_INT,
     "gated_mil.patch_size": _int_at_least(8),
     "gated_mil.attention_hidden": POSITIVE_INT,

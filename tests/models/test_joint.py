@@ -297,3 +297,91 @@ def test_the_interface_forward_reads_through_the_pixel_source_and_returns_the_lo
     with torch.no_grad():  # training forward: one draw of the model's k
         train_out = model(batch, CellPixels())
     assert train_out.cells.shape == (2, 3) and train_out.loss is None
+
+
+def _concentrated(model: JointAttentionSampler, b: int) -> None:
+    """Make the attention put 99% of its mass on cell 0 of every image."""
+    probs = torch.full((b, N_CELLS), 0.01 / (N_CELLS - 1))
+    probs[:, 0] = 0.99
+    model.attend = lambda *args, **kwargs: (probs.log(), probs)  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_uniform_mix_reads_cells_the_attention_ignores_in_training_only(replace):
+    model = _model(k=4, replace=replace)
+    model.uniform_mix = 1.0
+    _concentrated(model, 64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        trained = model.train().classify(_thumbs(64), SHAPES, RecordingReader(), mode="sample", generator=gen)
+        inferred = model.eval().classify(_thumbs(64), SHAPES, RecordingReader(), mode="sample", generator=gen)
+    # Uniform draws: cell 0 is one cell in 17; from the attention it is nearly every draw (or the first, without).
+    assert (trained.cells == 0).float().mean() < 0.2
+    first = inferred.cells[:, 0] if not replace else inferred.cells
+    assert (first == 0).float().mean() > 0.9
+
+
+def test_train_draws_score_several_independent_draws_in_training_only():
+    model = _model(k=3)
+    model.train_draws = 4
+    batch = _batch()
+    torch.manual_seed(0)
+    out = model.train()(batch, CellPixels(), labels=batch.labels)
+    assert out.cells.shape == (2, 12)
+    assert out.draw_logits is not None and out.draw_logits.shape == (4, 2, 4)
+    ce = torch.stack(
+        [torch.nn.functional.cross_entropy(d, batch.labels, reduction="none") for d in out.draw_logits]
+    )  # each draw scored on its own: the loss is the mean of the draws' losses, not the loss of the mean
+    torch.testing.assert_close(out.loss, ce.mean(0) + model.entropy_alpha * out.regulariser)
+    torch.testing.assert_close(out.logits, out.draw_logits.mean(0))
+    model.train_draws = 1
+    assert model.train()(batch, CellPixels(), labels=batch.labels).draw_logits is None
+    model.train_draws = 4
+    with torch.no_grad():  # inference reads what its settings say
+        assert model.eval()(batch, CellPixels(), model.default_inference()).cells.shape[1] == 3 * 8
+
+
+def test_novelty_loss_pulls_the_attention_towards_the_unusual_drawn_cell():
+    from loupe.models.joint import novelty_loss
+
+    features = torch.zeros(1, 6, 4)
+    features[0, :, 0] = torch.tensor([0.1, -0.1, 0.05, 0.0, -0.05, 0.0])  # background, nearly alike
+    features[0, 3] = torch.tensor([3.0, 2.0, -1.0, 0.5])  # one patch unlike the rest
+    one_magnification = torch.zeros(1, 6, dtype=torch.long)
+    logits = torch.zeros(1, 6, requires_grad=True)
+    loss = novelty_loss(torch.softmax(logits, -1), features, one_magnification)
+    loss.sum().backward()
+    assert logits.grad is not None
+    assert int(logits.grad[0].argmin()) == 3  # gradient descent raises the unusual cell's attention most
+    assert (logits.grad[0, [0, 1, 2, 4, 5]] > 0).all()
+    with torch.no_grad():  # attention already on the unusual cell: a lower loss than uniform attention
+        focused = torch.full((1, 6), 0.02)
+        focused[0, 3] = 0.9
+        assert novelty_loss(focused, features, one_magnification) < loss
+
+
+def test_novelty_is_judged_within_each_magnification():
+    from loupe.models.joint import novelty_loss
+
+    # Cells 0-2 at one magnification, all far from cells 3-5 (another scale looks different, and is not news);
+    # within each magnification one cell stands out: 1 a little, 4 a lot.
+    features = torch.zeros(1, 6, 2)
+    features[0, :3, 0] = 10.0
+    features[0, 1, 1] = 0.5
+    features[0, 4, 1] = 3.0
+    groups = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    logits = torch.zeros(1, 6, requires_grad=True)
+    novelty_loss(torch.softmax(logits, -1), features, groups).sum().backward()
+    assert logits.grad is not None
+    pulled = (-logits.grad[0]).argsort(descending=True)[:2].tolist()
+    assert sorted(pulled) == [1, 4]  # the odd one out of each magnification, not a whole magnification
+
+
+def test_novelty_acts_only_in_the_first_novelty_epochs():
+    model = _model(k=3)
+    model.novelty, model.train_draws, model.novelty_epochs = 1.0, 2, 1
+    batch = _batch()
+    model.begin_epoch(0)
+    assert model.train()(batch, CellPixels(), labels=batch.labels).auxiliary is not None
+    model.begin_epoch(1)
+    assert model.train()(batch, CellPixels(), labels=batch.labels).auxiliary is None

@@ -13,7 +13,7 @@ import torch
 from loupe.bench.data import Geometry, generate_images, geometry_config
 from loupe.bench.profile import profile_inference, profile_training_step
 from loupe.bench.report import accuracy_markdown, speed_markdown
-from loupe.bench.speed import Log, Workload, device_of, speed_table
+from loupe.bench.speed import Log, Workload, device_of, speed_table, without_exploration
 from loupe.config import Config, load_config
 from loupe.errors import ConfigError
 from loupe.reports import write_json, write_text
@@ -128,6 +128,7 @@ def run_bench(
         dataset = f"{config} ({cfg.data.manifest})"
         if quick:
             n_train, n_test = n_train or d_train, n_test or d_test
+    cfg = without_exploration(cfg)
     work = workload(cfg, n_train, n_test, repeats, warmup)
     result = speed_table(cfg, work, log)
     if profile:

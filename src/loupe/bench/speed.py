@@ -35,6 +35,12 @@ from loupe.workflows.inference import infer, make_pixels, runtime_of
 Log = Callable[[str], object]
 
 
+def without_exploration(cfg: Config) -> Config:
+    """The training step the paper times: one draw of k per slide, no novelty prior (loupe's defaults read
+    ``joint.train_draws`` × k cells per slide and step)."""
+    return dataclasses.replace(cfg, joint=dataclasses.replace(cfg.joint, train_draws=1, novelty=0.0))
+
+
 @dataclass(frozen=True)
 class Variant:
     """One model of the table: which of the config's magnifications it reads, k sampled patches or all."""

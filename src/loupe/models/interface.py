@@ -104,6 +104,8 @@ class SlideOutput:
     cells: Tensor  # (B, n) flat indices of the cells read (or, for whole-image models, the most attended)
     loss: Tensor | None = None  # (B,) each slide's training objective, when labels were given
     regulariser: Tensor | None = None  # (B,) Σ P log P of the attention, where the architecture has that term
+    draw_logits: Tensor | None = None  # (R, B, C) per independent draw, when a training step made several
+    auxiliary: Tensor | None = None  # (B,) a training-only term the model adds to its loss
 
 
 class SlideClassifier(nn.Module, ABC):

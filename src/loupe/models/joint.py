@@ -21,6 +21,7 @@ from loupe.models.estimators import (
     exact_expectation,
     expectation_with_replacement,
     expectation_without_replacement,
+    proposal,
     sample_cells,
 )
 from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
@@ -69,6 +70,10 @@ class JointAttentionSampler(SlideClassifier):
         n_classes: int,
         k: int = 5,
         replace: bool = False,
+        uniform_mix: float = 0.0,
+        train_draws: int = 1,
+        novelty_epochs: int = 0,
+        novelty: float = 0.0,
         attention_dropout: float = 0.0,
         classifier_dropout: float = 0.5,
         patch_chunk: int = 256,
@@ -83,6 +88,17 @@ class JointAttentionSampler(SlideClassifier):
         self.attention = attention
         self.k = k
         self.replace = replace
+        self.uniform_mix = uniform_mix
+        """Training draws come from (1 − ε)·P + ε·uniform, weighted by P/q (see ``estimators.proposal``)."""
+        self.train_draws = train_draws
+        """Independent draws of k cells per slide in a training step, each classified and scored on its own (the
+        loss is their mean: the same objective as one draw, with less variance)."""
+        self.novelty_epochs = novelty_epochs
+        self.novelty = novelty
+        """In the first ``novelty_epochs`` epochs: weight of the pull of the attention towards the drawn cells whose
+        patches look least like the rest of the slide (see :func:`novelty_loss`)."""
+        self.novelty_on = novelty_epochs > 0
+        """In the first novelty_epochs epochs (set by :meth:`begin_epoch`)."""
         self.attention_dropout = attention_dropout
         self.patch_chunk = patch_chunk
         self.estimator = estimator
@@ -109,6 +125,9 @@ class JointAttentionSampler(SlideClassifier):
     def default_inference(self) -> InferenceSettings:
         return self.inference
 
+    def begin_epoch(self, epoch: int) -> None:
+        self.novelty_on = epoch < self.novelty_epochs
+
     def forward(
         self,
         batch: SlideBatch,
@@ -121,7 +140,11 @@ class JointAttentionSampler(SlideClassifier):
         device = batch.thumbnails.device
         thumbs = batch.thumbnails.to(torch.float32) / 255.0
         if inference is None:
-            mode, samples, k = ("exhaustive" if self.estimator == "exhaustive" else "sample"), 1, self.k
+            mode, samples, k = (
+                ("exhaustive" if self.estimator == "exhaustive" else "sample"),
+                self.train_draws,
+                self.k,
+            )
         else:
             mode, samples, k = inference.mode, inference.samples, inference.k or self.k
         read = patch_reader(pixels, batch, device)
@@ -129,7 +152,15 @@ class JointAttentionSampler(SlideClassifier):
         out = self.classify(thumbs, batch.shapes, read, batch.valid, mode, samples, k=k, embed_cells=embed_cells)
         if labels is not None:
             assert out.regulariser is not None
-            out.loss = F.cross_entropy(out.logits, labels, reduction="none") + self.entropy_alpha * out.regulariser
+            if out.draw_logits is not None:  # several draws: the mean of their losses (not the loss of the mean)
+                r, b, c = out.draw_logits.shape
+                ce = F.cross_entropy(out.draw_logits.reshape(r * b, c), labels.repeat(r), reduction="none")
+                ce = ce.view(r, b).mean(0)
+            else:
+                ce = F.cross_entropy(out.logits, labels, reduction="none")
+            out.loss = ce + self.entropy_alpha * out.regulariser
+            if out.auxiliary is not None:
+                out.loss = out.loss + out.auxiliary
         return out
 
     def classify(
@@ -146,7 +177,8 @@ class JointAttentionSampler(SlideClassifier):
     ) -> SlideOutput:
         """Classify a batch of images (float thumbnails in [0, 1]) whose grids all have ``shapes``.
 
-        Modes: ``sample`` (one draw of ``k`` cells, default the model's; training uses it), ``mean`` (the
+        Modes: ``sample`` (``n_samples`` independent draws of ``k`` cells, default the model's, each classified on
+        its own: ``logits`` are their mean, ``draw_logits`` each draw's; training uses it), ``mean`` (the
         estimator averaged over ``n_samples`` draws), ``topk`` (the k most attended cells, weights renormalised),
         ``exhaustive`` (f on every cell, exact Σ P f). ``regulariser`` is Σ P log P per image. ``embed_cells``
         (default: read, then f) turns cells into features (e.g. through an embedding cache).
@@ -175,21 +207,64 @@ class JointAttentionSampler(SlideClassifier):
         draw_probs = probs
         if self.training and self.attention_dropout > 0:
             draw_probs = attention_dropout(probs, self.attention_dropout, k, generator)
-        repeats = n_samples if mode == "mean" else 1
-        draws = [sample_cells(draw_probs, k, self.replace, generator) for _ in range(repeats)]
+        repeats = n_samples if mode == "mean" or self.training else 1
+        # Exploration is for learning: inference draws from the attention itself.
+        q = proposal(draw_probs, self.uniform_mix) if self.training and self.uniform_mix > 0 else None
+        draws = [sample_cells(draw_probs if q is None else q, k, self.replace, generator) for _ in range(repeats)]
         cells = torch.cat(draws, dim=1)
         feats = embed(cells).split(k, dim=1)
         estimates = []
         for idx, f in zip(draws, feats, strict=True):
             p = draw_probs.gather(1, idx)
+            q_s = None if q is None else q.gather(1, idx)
             if self.replace:
-                estimates.append(expectation_with_replacement(p, f))
+                estimates.append(expectation_with_replacement(p, f, q_s))
             else:
                 n_alive = (draw_probs > 0).sum(-1, keepdim=True)
                 p_valid = torch.arange(k, device=p.device).expand_as(p) < n_alive
-                estimates.append(expectation_without_replacement(p, f, p_valid))
-        pooled = torch.stack(estimates).mean(0)
-        return SlideOutput(self.classifier(pooled), probs, cells, regulariser=regulariser)
+                estimates.append(expectation_without_replacement(p, f, p_valid, q_s))
+        auxiliary = None
+        if self.training and self.novelty_on and self.novelty > 0:
+            offsets = torch.tensor([r * c for r, c in shapes], device=cells.device).cumsum(0)
+            groups = torch.bucketize(cells, offsets, right=True)  # the magnification of each drawn cell
+            auxiliary = self.novelty * novelty_loss(probs.gather(1, cells), torch.cat(feats, dim=1), groups)
+        if mode == "mean" or repeats == 1:
+            logits = self.classifier(torch.stack(estimates).mean(0))
+            return SlideOutput(logits, probs, cells, regulariser=regulariser, auxiliary=auxiliary)
+        draw_logits = self.classifier(torch.stack(estimates))  # (R, B, C)
+        return SlideOutput(
+            draw_logits.mean(0), probs, cells, regulariser=regulariser, draw_logits=draw_logits, auxiliary=auxiliary
+        )
+
+
+NOVELTY_SHARPNESS = 2.0
+"""How strongly the novelty target favours the most unusual drawn cells (softmax of standardised novelty ×)."""
+
+
+def novelty_loss(p_drawn: Tensor, features: Tensor, groups: Tensor) -> Tensor:
+    """Cross-entropy (B,) from a target over the drawn cells to the attention renormalised over them.
+
+    The target is a softmax of each drawn patch's distance from the mean feature of the slide's draws at the same
+    magnification (``groups``, (B, n)), standardised within that magnification: cells that look unlike the bulk of
+    the slide at their own scale (a lesion, a digit), whichever magnification shows them. It is a prior for the
+    attention while it knows nothing, not part of the estimator (which it leaves unbiased).
+    """
+    log_p = torch.log(p_drawn.clamp_min(torch.finfo(p_drawn.dtype).tiny))
+    log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    with torch.no_grad():
+        f = features.detach().float()
+        z = torch.zeros(f.shape[:2], dtype=f.dtype, device=f.device)
+        for j in groups.unique().tolist():
+            member = groups == j
+            w = member.to(f.dtype)
+            count = w.sum(1, keepdim=True).clamp_min(1.0)
+            mean = (f * w.unsqueeze(-1)).sum(1, keepdim=True) / count.unsqueeze(-1)
+            distance = (f - mean).norm(dim=-1)
+            centre = (distance * w).sum(1, keepdim=True) / count
+            spread = (((distance - centre) ** 2 * w).sum(1, keepdim=True) / count).sqrt().clamp_min(1e-6)
+            z = torch.where(member, (distance - centre) / spread, z)
+        target = torch.softmax(NOVELTY_SHARPNESS * z, dim=1).to(log_p.dtype)
+    return -(target * log_p).sum(1)
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
