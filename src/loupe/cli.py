@@ -250,6 +250,10 @@ def _bench(ns: Namespace, args: list[str]) -> int:
         from loupe.bench.streaming import streaming_command
 
         return streaming_command(args[1:])
+    if args and args[0] == "sparse":
+        from loupe.bench.sparse import sparse_command
+
+        return sparse_command(args[1:])
     from loupe.bench import bench_command
 
     return bench_command(args)
@@ -301,8 +305,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "bench": Command(
         "the paper's speed tables and a profile (--accuracy: joint vs baselines trained on the same splits; "
-        "`bench wsi`: whole-slide cost against patch-everything; `bench streaming`: the streaming engine)",
-        "bench [--config CONFIG] --out DIR [--quick | --accuracy] | bench streaming ...",
+        "`bench wsi`: whole-slide cost against patch-everything; `bench streaming`: the streaming engine; "
+        "`bench sparse`: learning when the evidence is under 1% of the image, across seeds)",
+        "bench [--config CONFIG] --out DIR [--quick | --accuracy] | bench {wsi,streaming,sparse} ...",
         _parser,
         _bench,
     ),
