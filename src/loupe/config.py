@@ -128,6 +128,9 @@ class JointConfig:
     patches look least like the rest of the slide: a prior that finds small lesions before the classifier can (it
     shapes the attention only; the estimate of Σ P f stays unbiased)."""
     novelty_epochs: int = 10
+    magnification_aware: bool = True
+    """A learned linear map per magnification after the patch network (identity at the start): the same pattern
+    may mean something else at another scale, and the pooled features keep which magnification they came from."""
     normalisation: Literal["sigmoid", "softmax"] = "sigmoid"
     balance_magnifications: bool = True
     """Start every magnification with the same total attention, whatever its number of cells."""

@@ -385,3 +385,35 @@ def test_novelty_acts_only_in_the_first_novelty_epochs():
     assert model.train()(batch, CellPixels(), labels=batch.labels).auxiliary is not None
     model.begin_epoch(1)
     assert model.train()(batch, CellPixels(), labels=batch.labels).auxiliary is None
+
+
+def test_magnification_maps_start_as_identity_and_apply_to_their_own_magnification():
+    from loupe.models.joint import magnification_of
+
+    plain = _model(k=3)
+    torch.manual_seed(0)
+    h = Backbone(Probe(), 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    f = Backbone(Probe(), 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    aware = JointAttentionSampler(h, f, AttentionNetwork(8, len(SHAPES)), n_classes=4, k=3, magnification_aware=True)
+    aware.load_state_dict(plain.state_dict(), strict=False)
+    assert aware.magnification_maps is not None and len(aware.magnification_maps) == len(SHAPES)
+    aware.eval(), plain.eval()
+    with torch.no_grad():  # identity at the start: the same logits as without the maps
+        a = aware.classify(_thumbs(), SHAPES, RecordingReader(), mode="exhaustive").logits
+        b = plain.classify(_thumbs(), SHAPES, RecordingReader(), mode="exhaustive").logits
+        torch.testing.assert_close(a, b)
+    cells = torch.tensor([[0, 1, 4, 5, 16]])
+    assert magnification_of(cells, SHAPES).tolist() == [[0, 1, 1, 2, 2]]  # 1 + 4 + 12 cells
+    with torch.no_grad():
+        aware.magnification_maps[1].weight.zero_()  # the second magnification's features are now silenced
+        feats = aware.at_magnification(torch.ones(1, 5, 8), magnification_of(cells, SHAPES))
+    assert feats[0, 1:3].abs().sum() == 0 and (feats[0, [0, 3, 4]] == 1).all()
+
+
+def test_the_config_builds_the_discovery_settings_into_the_model():
+    model = build_model(Config(joint=JointConfig(train_draws=3, uniform_mix=0.25, novelty=0.5, novelty_epochs=2)), 2)
+    assert isinstance(model, JointAttentionSampler)
+    assert (model.train_draws, model.uniform_mix, model.novelty, model.novelty_epochs) == (3, 0.25, 0.5, 2)
+    assert model.magnification_maps is not None
+    model.begin_epoch(2)
+    assert not model.novelty_on

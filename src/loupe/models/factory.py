@@ -54,6 +54,7 @@ def _build_joint(cfg: Config, n_classes: int) -> SlideClassifier:
         train_draws=j.train_draws,
         novelty_epochs=j.novelty_epochs,
         novelty=j.novelty,
+        magnification_aware=j.magnification_aware,
         attention_dropout=j.attention_dropout,
         classifier_dropout=cfg.model.classifier_dropout,
         estimator=j.estimator,

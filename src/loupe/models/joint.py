@@ -74,6 +74,7 @@ class JointAttentionSampler(SlideClassifier):
         train_draws: int = 1,
         novelty_epochs: int = 0,
         novelty: float = 0.0,
+        magnification_aware: bool = False,
         attention_dropout: float = 0.0,
         classifier_dropout: float = 0.5,
         patch_chunk: int = 256,
@@ -106,6 +107,12 @@ class JointAttentionSampler(SlideClassifier):
         self.entropy_alpha = entropy_alpha
         self.inference = inference or InferenceSettings("mean", 8, k)
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
+        self.magnification_maps: nn.ModuleList | None = None
+        """One linear map per magnification after f (identity at the start), so that a pattern can mean something
+        else at another scale: the pooled sum then still tells which magnification a feature came from."""
+        if magnification_aware:
+            d = patch_net.num_features
+            self.magnification_maps = nn.ModuleList(_identity_linear(d) for _ in attention.heads)
         if freeze_patch_net:
             self.freeze("patch_net")
 
@@ -124,6 +131,17 @@ class JointAttentionSampler(SlideClassifier):
 
     def default_inference(self) -> InferenceSettings:
         return self.inference
+
+    def at_magnification(self, features: Tensor, magnification: Tensor) -> Tensor:
+        """Features (B, n, D) of cells at magnifications (B, n) through their magnification's map (if any)."""
+        if self.magnification_maps is None:
+            return features
+        out = torch.zeros_like(features)
+        for j, linear in enumerate(self.magnification_maps):
+            member = magnification == j
+            if member.any():
+                out[member] = linear(features[member])
+        return out
 
     def begin_epoch(self, epoch: int) -> None:
         self.novelty_on = epoch < self.novelty_epochs
@@ -186,7 +204,11 @@ class JointAttentionSampler(SlideClassifier):
         if mode not in INFERENCE_MODES:
             raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
         k = self.k if k is None else k
-        embed = embed_cells if embed_cells is not None else (lambda cells: self.embed(read_patches(cells)))
+        raw = embed_cells if embed_cells is not None else (lambda cells: self.embed(read_patches(cells)))
+
+        def embed(cells: Tensor) -> Tensor:
+            return self.at_magnification(raw(cells), magnification_of(cells, shapes))
+
         _, probs = self.attend(thumbnails, shapes, valid)
         regulariser = entropy_regulariser(probs)
 
@@ -225,8 +247,7 @@ class JointAttentionSampler(SlideClassifier):
                 estimates.append(expectation_without_replacement(p, f, p_valid, q_s))
         auxiliary = None
         if self.training and self.novelty_on and self.novelty > 0:
-            offsets = torch.tensor([r * c for r, c in shapes], device=cells.device).cumsum(0)
-            groups = torch.bucketize(cells, offsets, right=True)  # the magnification of each drawn cell
+            groups = magnification_of(cells, shapes)
             auxiliary = self.novelty * novelty_loss(probs.gather(1, cells), torch.cat(feats, dim=1), groups)
         if mode == "mean" or repeats == 1:
             logits = self.classifier(torch.stack(estimates).mean(0))
@@ -235,6 +256,20 @@ class JointAttentionSampler(SlideClassifier):
         return SlideOutput(
             draw_logits.mean(0), probs, cells, regulariser=regulariser, draw_logits=draw_logits, auxiliary=auxiliary
         )
+
+
+def magnification_of(cells: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
+    """The magnification index of flat cell indices (any shape), from the grids' (rows, cols)."""
+    ends = torch.tensor([r * c for r, c in shapes], device=cells.device).cumsum(0)
+    return torch.bucketize(cells.contiguous(), ends, right=True)
+
+
+def _identity_linear(d: int) -> nn.Linear:
+    linear = nn.Linear(d, d)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(d))
+        linear.bias.zero_()
+    return linear
 
 
 NOVELTY_SHARPNESS = 2.0
