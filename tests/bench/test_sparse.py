@@ -62,12 +62,14 @@ def test_the_suite_reuses_finished_seeds_and_writes_the_table(tmp_path: Path, mo
 
     monkeypatch.setattr(sparse, "run_seed", fake_run_seed)
     run_sparse(out=tmp_path, tasks=["evidence-1%"], levers=["defaults"], seeds=2, log=lambda *_: None)
-    assert calls == [("evidence-1%", "defaults", 0, 40), ("evidence-1%", "defaults", 1, 40)]
+    assert calls == [("evidence-1%", "defaults", 0, 30), ("evidence-1%", "defaults", 1, 30)]
     result = run_sparse(out=tmp_path, tasks=["evidence-1%"], levers=["defaults"], seeds=3, log=lambda *_: None)
     assert len(calls) == 3  # seeds 0 and 1 were read back from their row.json
     assert result["summary"][0]["learned"] == 3
     assert json.loads((tmp_path / "sparse.json").read_text())["summary"][0]["seeds"] == 3
     assert "3/3" in (tmp_path / "sparse.md").read_text()
+    table = run_sparse(out=tmp_path, tasks=["evidence-1%"], levers=["defaults"], seeds=9, table_only=True)
+    assert len(calls) == 3 and table["summary"][0]["seeds"] == 3  # nothing trained, the finished seeds tabulated
 
 
 @pytest.mark.parametrize("args", [["--tasks", "nope"], ["--levers", "nope"], ["--seeds", "0"]])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -91,14 +92,14 @@ TASKS: dict[str, SparseTask] = {
         "synthetic, 320×320: the label in one 20x cell (1.0% of the image), decoys at 5x and 10x",
         _synthetic_task(0.01),
         n_classes=2,
-        epochs=40,
+        epochs=30,
     ),
     "evidence-0.5%": SparseTask(
         "evidence-0.5%",
         "synthetic, 480×480: the label in one 20x cell (0.44% of the image), decoys at 5x and 10x",
         _synthetic_task(0.005),
         n_classes=2,
-        epochs=40,
+        epochs=30,
     ),
     "megapixel-mnist": SparseTask(
         "megapixel-mnist",
@@ -120,6 +121,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "4 draws": {"train_draws": 4, "uniform_mix": 0.0, "novelty": 0.0},
     "novelty prior": {"train_draws": 1, "uniform_mix": 0.0, "novelty": 1.0},
     "4 draws + novelty": {"train_draws": 4, "uniform_mix": 0.0, "novelty": 1.0},
+    "defaults without magnification maps": {"magnification_aware": False},
     "defaults": {},
 }
 
@@ -247,10 +249,12 @@ def run_sparse(
     levers: Sequence[str] | None = None,
     seeds: int = 5,
     epochs: int | None = None,
+    table_only: bool = False,
     log: Log = print,
 ) -> dict[str, Any]:
     """Run the suite into ``out`` (one folder per task, lever and seed; a finished seed is reused when the suite is
-    run again); write sparse.json and sparse.md; return the result."""
+    run again); write sparse.json and sparse.md; return the result. ``table_only``: train nothing, tabulate the
+    seeds already finished in ``out`` (e.g. while other processes run the rest)."""
     out = Path(out)
     task_names = list(tasks or TASKS)
     lever_names = list(levers or LEVERS)
@@ -271,9 +275,9 @@ def run_sparse(
                 folder = out / t / _slug(lever) / f"seed{seed}"
                 done = folder / "row.json"
                 if done.is_file():
-                    import json
-
                     rows.append(json.loads(done.read_text()))
+                    continue
+                if table_only:
                     continue
                 row = run_seed(task, lever, seed, folder, epochs or task.epochs)
                 write_json(done, row)
@@ -311,6 +315,13 @@ def sparse_command(argv: list[str]) -> int:
     parser.add_argument("--levers", type=str, default=",".join(LEVERS), help=f"comma-separated: {', '.join(LEVERS)}")
     parser.add_argument("--seeds", type=int, default=5, help="training seeds per task and lever")
     parser.add_argument("--epochs", type=int, default=None, help="override each task's epoch budget")
+    parser.add_argument(
+        "--table-only",
+        "--table_only",
+        dest="table_only",
+        action="store_true",
+        help="train nothing: tabulate the seeds already finished in --out",
+    )
     ns = parser.parse_args(argv)
     result = run_sparse(
         out=ns.out,
@@ -318,6 +329,7 @@ def sparse_command(argv: list[str]) -> int:
         levers=[lv.strip() for lv in ns.levers.split(",") if lv.strip()],
         seeds=ns.seeds,
         epochs=ns.epochs,
+        table_only=ns.table_only,
     )
     for s in result["summary"]:
         print(f"{s['task']} / {s['lever']}: {s['learned']}/{s['seeds']} seeds learned")
