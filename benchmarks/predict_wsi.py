@@ -78,7 +78,7 @@ def _predict(run: Path, slides: list[dict], out: Path, k: int, cache: Path, work
         out=out,
         inference="sample",
         overwrite=True,
-        workers=workers,
+        loader_workers=workers,
         tissue=True,
         k=k,
     )

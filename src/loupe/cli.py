@@ -79,7 +79,20 @@ def _predict_parser(prog: str) -> ArgumentParser:
         help="µm/px of files that record none",
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="redo slides that are already finished")
-    parser.add_argument("--workers", type=int, default=2, help="processes preparing slides ahead of the model")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="worker processes sharing --out (1: this one; N: N processes, one per GPU when several are visible; "
+        "0: this one, preparing slides itself); on other machines, start more commands on the same --out",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loader-workers", "--loader_workers", dest="loader_workers", type=int | None, default=None,
+        help="processes preparing slides ahead of the model, per worker (default 2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--claim-expiry", "--claim_expiry", dest="claim_expiry", type=float, default=600.0,
+        help="seconds without a heartbeat after which a worker's claimed slides are taken over (a dead worker on "
+        "this machine: at once)",
+    )  # fmt: skip
     parser.add_argument("--k", type=int | None, default=None, help="patches read per sample (default: the run's k)")
     parser.add_argument(
         "--tissue", type=bool | None, default=None, help="tissue detection on/off (default: the run's setting)"
@@ -154,10 +167,14 @@ def _evaluate(ns: Namespace, args: list[str]) -> int:
 
 
 def _predict(ns: Namespace, args: list[str]) -> int:
+    import signal
+
     from loupe.workflows.prediction import predict
 
     if ns.workers < 0:
         raise ConfigError(f"--workers {ns.workers}: expected an integer ≥ 0")
+    # A scheduler stops a job with SIGTERM: leave as on Ctrl-C, releasing this worker's claims for the others.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run = predict(
         ns.run,
         ns.slides,
@@ -167,6 +184,8 @@ def _predict(ns: Namespace, args: list[str]) -> int:
         slide_mpp=ns.slide_mpp,
         overwrite=ns.overwrite,
         workers=ns.workers,
+        loader_workers=ns.loader_workers,
+        claim_expiry_s=ns.claim_expiry,
         tissue=ns.tissue,
         k=ns.k,
     )
@@ -274,8 +293,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "predict": Command(
         "predictions.csv, status.json, timings.csv; per slide attention maps, QuPath GeoJSON, heatmaps; a re-run "
-        "skips finished slides (--overwrite redoes them)",
-        "predict RUN SLIDES_FOLDERS_OR_CSV... --out DIR",
+        "skips finished slides (--overwrite redoes them); any number of workers may share --out (--workers N, or "
+        "more commands, e.g. a SLURM array)",
+        "predict RUN SLIDES_FOLDERS_OR_CSV... --out DIR [--workers N]",
         _predict_parser,
         _predict,
     ),

@@ -107,3 +107,54 @@ def test_default_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("LOUPE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "loupe"
+
+
+# Stores one entry over and over: each write holds arrays filled with this writer's own value (a few MB, so that a
+# write takes long enough for a reader to meet it half done if it could).
+WRITER = """
+import sys, time
+import numpy as np
+from loupe.slides.cache import SlideCache
+root, slide, value, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+cache = SlideCache(root)
+arrays = {"thumbnail": np.full((1024, 1024, 3), value, np.uint8), "valid": np.full(4096, value, np.int64)}
+end, writes = time.time() + seconds, 0
+while time.time() < end:
+    cache.store("thumbnail", slide, {"size": 8}, arrays)
+    writes += 1
+print(writes)
+"""
+
+
+def test_two_processes_writing_one_entry_never_leave_a_torn_one(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    slide = _slide(tmp_path)
+    root = tmp_path / "c"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(root), str(slide), str(value), "2.0"], stdout=subprocess.PIPE, text=True
+        )
+        for value in (1, 2)
+    ]
+    cache = SlideCache(root)
+    loads, misses_after_first, seen = 0, 0, set()
+    while any(w.poll() is None for w in writers):
+        entry = cache.load("thumbnail", slide, {"size": 8})
+        if entry is None:
+            misses_after_first += bool(seen)  # once written, the entry is always there, old or new
+            time.sleep(0.001)
+            continue
+        loads += 1
+        values = {int(v) for v in np.unique(entry["thumbnail"])} | {int(v) for v in np.unique(entry["valid"])}
+        assert entry["thumbnail"].shape == (1024, 1024, 3) and entry["valid"].shape == (4096,)
+        assert len(values) == 1, values  # one writer's arrays, never a mix
+        seen |= values
+    writes = [int(w.communicate()[0]) for w in writers]
+    assert all(w.returncode == 0 for w in writers) and min(writes) >= 2
+    assert loads >= 5 and misses_after_first == 0
+    assert seen <= {1, 2}
+    files = [f for f in root.rglob("*") if f.is_file()]
+    assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary file left behind

@@ -36,7 +36,7 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 def test_failures_are_named_and_the_rest_get_every_output(trained_run, slide_folder, tmp_path):
     out = tmp_path / "out"
-    run = predict(trained_run, [slide_folder], out=out, workers=2)
+    run = predict(trained_run, [slide_folder], out=out, loader_workers=2)
     slides = run.status.slides
     assert run.counts() == {"done": 2, "failed": 2, "pending": 0}
     assert "broken.svs" in slides["broken"]["reason"] and "OpenSlide" in slides["broken"]["reason"]

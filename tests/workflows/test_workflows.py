@@ -94,3 +94,26 @@ def test_cross_validation_folds_give_disjoint_test_sets_that_cover_every_slide(s
     assert sum(len(t) for t in tests) == len(manifest.records)
     with pytest.raises(ConfigError, match=r"data\.fold=3"):
         fold_splits(manifest, folds=3, fold=3, val_fraction=0.2, seed=0)
+
+
+def test_a_joint_run_trained_before_magnification_maps_still_loads(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    import yaml
+
+    from loupe.workflows.common import load_run
+
+    old = tmp_path / "old_run"
+    shutil.copytree(trained_run, old)
+    for name in ("best.ckpt", "last.ckpt"):  # what an earlier loupe wrote: no maps in the weights or the config
+        path = old / "checkpoints" / name
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state["state_dict"] = {k: v for k, v in state["state_dict"].items() if ".magnification_maps." not in k}
+        torch.save(state, path)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    raw["joint"].pop("magnification_aware")
+    (old / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg, model, _ = load_run(old)
+    assert cfg.joint.magnification_aware is False and model.magnification_maps is None
+    _, current, _ = load_run(trained_run)
+    assert current.magnification_maps is not None

@@ -155,12 +155,14 @@ def _unbatched(item: Any) -> Any:
     return item
 
 
-def prepared_loader(dataset: PreparedSlides, num_workers: int) -> DataLoader:
-    """Slides one at a time, prepared ahead by ``num_workers`` worker processes (0: in this process)."""
+def prepared_loader(dataset: PreparedSlides, num_workers: int, sampler: Sampler[int] | None = None) -> DataLoader:
+    """Slides one at a time, prepared ahead by ``num_workers`` worker processes (0: in this process); ``sampler``
+    (items in the order it yields them, drawn in this process as the loader needs more) defaults to every item."""
     return DataLoader(
         dataset,
         batch_size=None,
         shuffle=False,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=_unbatched,
         prefetch_factor=2 if num_workers > 0 else None,

@@ -2,8 +2,11 @@
 
 Each entry is keyed by the slide file's identity (resolved path, size, modification time) and every parameter
 that produced it, hashed together: a changed parameter or a rewritten file gives a new key, so a stale entry is
-never read. Entries are single ``.npz`` files written atomically (:mod:`loupe.atomic`: temporary file, then
-rename), so concurrent DataLoader workers or an interrupted run cannot leave a half-written entry behind.
+never read. Entries are single ``.npz`` files written atomically (:mod:`loupe.atomic`: a temporary file of a
+unique name, then rename), so concurrent DataLoader workers, several prediction workers preparing the same slide
+(on one machine or sharing the cache folder over NFS) or an interrupted run cannot leave a half-written entry
+behind: two writers of one entry each rename a complete file, and the last one stays (both hold the same arrays).
+A reader sees the old entry, the new one or none; an entry missing or unreadable when read is computed again.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,12 +77,12 @@ class SlideCache:
     def load(self, kind: str, path: str | Path, params: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
         """The stored arrays of an entry, or None when absent (or unreadable: it is then recomputed)."""
         entry = self._key(kind, path, params)
-        if entry is None or not entry.is_file():
+        if entry is None:
             return None
-        try:
+        try:  # no existence check first: the entry may vanish or be replaced at any moment
             with np.load(entry, allow_pickle=False) as data:
                 return {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
 
     def store(self, kind: str, path: str | Path, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,9 @@ def make_catalog(records: list[SlideRecord] | tuple[SlideRecord, ...], cfg: Conf
     )
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, SlideClassifier, Path]:
-    """The config and trained model of a run folder (weights loaded with ``weights_only=True``), in eval mode on
-    the run's inference device and memory format."""
+def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Path]:
+    """The config of a run folder and the checkpoint file it would load (``best``, else ``last``), without
+    loading any weights."""
     paths = RunPaths(Path(run_dir))
     if not paths.config.is_file():
         raise LoupeError(f"{paths.root} is not a loupe run folder (no config.yaml): pass the --out of `loupe train`")
@@ -83,9 +84,20 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Sli
     ckpt = paths.best if checkpoint == "best" and paths.best.is_file() else paths.last
     if not ckpt.is_file():
         raise LoupeError(f"no checkpoint in {paths.checkpoints}: train first (`loupe train ... --out {paths.root}`)")
+    return cfg, ckpt
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, SlideClassifier, Path]:
+    """The config and trained model of a run folder (weights loaded with ``weights_only=True``), in eval mode on
+    the run's inference device and memory format."""
+    cfg, ckpt = run_checkpoint(run_dir, checkpoint)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    model = build_model(cfg, len(cfg.data.classes or []))
     prefix = "model."
+    trained_without_maps = not any(k.startswith(prefix + "magnification_maps.") for k in state["state_dict"])
+    if cfg.model.architecture == "joint" and cfg.joint.magnification_aware and trained_without_maps:
+        # A joint model trained before per-magnification maps existed (earlier loupe runs).
+        cfg = dataclasses.replace(cfg, joint=dataclasses.replace(cfg.joint, magnification_aware=False))
+    model = build_model(cfg, len(cfg.data.classes or []))
     model.load_state_dict({k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
     model.eval()
     runtime: Runtime = runtime_of(cfg)

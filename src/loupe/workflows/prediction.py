@@ -1,10 +1,26 @@
-"""`loupe predict`: classify many slides; a broken slide is reported and skipped, a re-run skips finished work.
+"""`loupe predict`: classify many slides, by one worker or by many sharing one output folder; a broken slide is
+reported and skipped, a re-run skips finished work.
 
 Slides come from files, folders and manifest CSVs. Each is prepared (header, thumbnail, overview, tissue mask:
-through the cache) in DataLoader workers while the model runs on the previous ones; the model then reads only
-the k sampled patches. Each slide's outputs go to ``OUT/slides/<slide_id>/``, written atomically; ``status.json``
-records every slide as pending, done or failed (with the reason) and is rewritten after each slide;
-``predictions.csv`` and ``timings.csv`` cover every finished slide of the request.
+through the cache) in DataLoader processes while the model runs on the previous ones; the model then reads only the
+k sampled patches. The output folder holds:
+
+- ``slides/<slide_id>/``: the slide's outputs (:mod:`slide_outputs`), written into a temporary sibling and renamed
+  into place, so never visible half-written;
+- ``state/<slide_id>.json``: the slide's outcome, done (timings) or failed (reason), one small atomic write per
+  slide (:mod:`slide_state`);
+- ``claims/<slide_id>.claim``: while a worker works on a slide, its claim (:mod:`claims`);
+- ``status.json`` (every slide of the request: pending, done or failed with the reason), ``predictions.csv`` and
+  ``timings.csv`` (every finished slide, in input order): the run summary, merged from the state files when a
+  worker ends (:mod:`run_summary`).
+
+**Many workers.** Any number of workers may predict the same inputs into the same folder: ``workers=N`` here
+(``--workers N``) starts N processes on this machine (one per GPU when several are visible), and plain commands
+started by hand or as the jobs of a scheduler array (SLURM) do the same. There is no scheduler: a worker walks the
+slides in input order and works on a slide only after claiming it (an atomic file creation: exactly one worker
+wins); it skips slides finished or claimed by others, and at the end waits for the slides others still hold, taking
+over the claims of workers that died (at once on the same machine, after ``claim_expiry_s`` elsewhere). The summary
+it then merges is the same whichever worker finishes last, and the same as one worker's.
 """
 
 from __future__ import annotations
@@ -13,32 +29,41 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Sampler
 
 from loupe.config import Config
 from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import PreparedSlide, PreparedSlides, collate_slides, prepared_loader
 from loupe.data.manifest import SlideRecord, load_manifest, manifest_from_paths
 from loupe.data.pixels import SlidePixels
-from loupe.errors import ManifestError, describe_error
+from loupe.errors import ConfigError, ManifestError, describe_error
 from loupe.models import InferenceSettings, SlideClassifier, resolve_inference
-from loupe.models.runtime import Runtime
-from loupe.reports import write_csv
+from loupe.models.runtime import GPU_ACCELERATORS, Runtime
 from loupe.slides.cache import file_identity
-from loupe.workflows.common import load_run, magnifications_of, make_catalog, prediction_columns
+from loupe.workflows.claims import EXPIRY_S, Claims, Owner
+from loupe.workflows.common import load_run, magnifications_of, make_catalog, run_checkpoint
 from loupe.workflows.inference import make_pixels, predict_batch, runtime_of
-from loupe.workflows.slide_outputs import PREDICTION_FILE, SlideResult, clean_partials, write_slide_folder
-from loupe.workflows.status import DONE, FAILED, PENDING, RunStatus
+from loupe.workflows.run_summary import TIMING_STEPS, merge_summary
+from loupe.workflows.slide_outputs import SlideResult, clean_partials, write_slide_folder
+from loupe.workflows.slide_state import SlideStates
+from loupe.workflows.status import PENDING, RunStatus
+from loupe.workflows.worker_pool import run_workers, visible_gpus
 
 log = logging.getLogger("loupe")
 
-TIMING_STEPS = ("open", "thumbnail", "overview", "tissue", "patches", "model", "write")
+__all__ = ["TIMING_STEPS", "PredictionRun", "collect_records", "predict"]
+
+#: Default DataLoader processes preparing slides ahead of the model, per worker.
+LOADER_WORKERS = 2
 
 
 @dataclass
@@ -47,7 +72,8 @@ class PredictionRun:
 
     status: RunStatus
     processed: list[str]
-    """Slides worked on in this call (the others were finished or failed, unchanged, before)."""
+    """Slides worked on in this call, by any of its workers (the others were finished or failed before, or taken
+    by other workers)."""
 
     def counts(self) -> dict[str, int]:
         return self.status.counts()
@@ -64,8 +90,8 @@ def collect_records(slides: Sequence[str | Path]) -> list[SlideRecord]:
             paths.append(item)
     if paths:
         records += manifest_from_paths(paths).records
-    ids = [r.slide_id for r in records]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    counts = Counter(r.slide_id for r in records)
+    repeated = sorted(i for i, n in counts.items() if n > 1)
     if repeated:
         raise ManifestError(
             f"slide ids repeated across the inputs: {', '.join(repeated[:10])}; output folders are named by slide "
@@ -74,14 +100,52 @@ def collect_records(slides: Sequence[str | Path]) -> list[SlideRecord]:
     return records
 
 
-def _fingerprint(catalog: SlideCatalog, i: int, cfg: Config) -> Any:
-    """What a failed slide's outcome depends on: the file and the settings that read it."""
-    try:
-        ident: Any = file_identity(catalog.records[i].path)
-    except OSError:
-        ident = None
-    fp = {"file": ident, "mpp": catalog.mpp_of(i), "backend": cfg.data.backend, "tissue": cfg.data.tissue}
-    return json.loads(json.dumps(fp, default=str))  # the form it has after a round trip through status.json
+@dataclass(frozen=True)
+class _Job:
+    """One prediction request, checked: the run, its settings with the overrides, the slides, the output folder."""
+
+    run: Path
+    cfg: Config
+    records: list[SlideRecord]
+    inference: InferenceSettings
+    settings: dict[str, Any]
+    out: Path
+    since: float | None  # --overwrite: slides finished before this time are redone
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return {"run": str(self.run.resolve()), "settings": self.settings}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.cfg.data.classes or [])
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.label for m in magnifications_of(self.cfg)]
+
+    def states(self) -> SlideStates:
+        previous = RunStatus.previous_slides(self.out / "status.json")  # a folder made before state files
+        return SlideStates(self.out, self.settings, since=self.since, previous=previous)
+
+    def fingerprint(self, i: int) -> Any:
+        """What a failed slide's outcome depends on: the file and the settings that read it."""
+        rec = self.records[i]
+        try:
+            ident: Any = file_identity(rec.path)
+        except OSError:
+            ident = None
+        mpp = {"override": rec.mpp, "fallback": self.cfg.data.slide_mpp}  # as SlideCatalog.mpp_of decides
+        fp = {"file": ident, "mpp": mpp, "backend": self.cfg.data.backend, "tissue": self.cfg.data.tissue}
+        return json.loads(json.dumps(fp, default=str))  # the form it has after a round trip through JSON
+
+    def pending(self, states: SlideStates, i: int) -> bool:
+        """Whether slide i still needs work (not done with these settings, not failed with unchanged inputs)."""
+        rec = self.records[i]
+        return states.outcome(rec.slide_id, str(rec.path), lambda: self.fingerprint(i)).status == PENDING
+
+    def merge(self, states: SlideStates) -> RunStatus:
+        return merge_summary(self.out, self.records, states, self.header, self.classes, self.labels)
 
 
 def _settings_record(cfg: Config, inference: InferenceSettings, checkpoint: Path) -> dict[str, Any]:
@@ -97,13 +161,28 @@ def _settings_record(cfg: Config, inference: InferenceSettings, checkpoint: Path
     }
 
 
-def _finished(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The slide's prediction summary when its folder is complete and made with the same settings."""
-    try:
-        info = json.loads((folder / PREDICTION_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return info if info.get("settings") == json.loads(json.dumps(settings)) else None
+def _job(
+    run: str | Path,
+    slides: Sequence[str | Path],
+    out: str | Path,
+    *,
+    inference: str | None,
+    samples: int | None,
+    slide_mpp: float | None,
+    tissue: bool | None,
+    k: int | None,
+    since: float | None,
+) -> _Job:
+    cfg, ckpt = run_checkpoint(run)
+    data = cfg.data
+    if slide_mpp is not None:
+        data = dataclasses.replace(data, slide_mpp=slide_mpp)
+    if tissue is not None:
+        data = dataclasses.replace(data, tissue=tissue)
+    cfg = dataclasses.replace(cfg, data=data)
+    records = collect_records(slides)
+    settings = resolve_inference(cfg, inference, samples, k)
+    return _Job(Path(run), cfg, records, settings, _settings_record(cfg, settings, ckpt), Path(out), since)
 
 
 def predict(
@@ -115,100 +194,202 @@ def predict(
     samples: int | None = None,
     slide_mpp: float | None = None,
     overwrite: bool = False,
-    workers: int = 2,
+    workers: int = 1,
+    loader_workers: int | None = None,
     tissue: bool | None = None,
     k: int | None = None,
+    claim_expiry_s: float = EXPIRY_S,
 ) -> PredictionRun:
     """Predict slides (files, folders, manifest CSVs) into ``out``; see the module docstring for the layout.
 
-    ``tissue`` overrides the run's tissue detection (e.g. on for whole slides with a model trained on crops);
-    ``k`` the patches read per sample (the estimator is unbiased for any k; more patches, less variance).
-    Finished slides are skipped unless ``overwrite``; slides that failed before are retried only when their
-    file or the settings that read them changed.
+    ``workers``: 1 works in this process; N > 1 starts N worker processes on this machine and waits for them (one
+    GPU each when several are visible); 0 is one worker that also prepares slides in this process (kept from when
+    ``workers`` counted loader processes). ``loader_workers``: processes preparing slides ahead of the model, per
+    worker (default 2; 0 with ``workers=0``). ``claim_expiry_s``: a claim silent this long belongs to a dead worker
+    and is taken over. ``tissue`` overrides the run's tissue detection (e.g. on for whole slides with a model
+    trained on crops); ``k`` the patches read per sample (the estimator is unbiased for any k; more patches, less
+    variance). Finished slides are skipped unless ``overwrite`` (slides finished before this call are redone);
+    slides that failed before are retried only when their file or the settings that read them changed.
     """
-    cfg, model, ckpt = load_run(run)
-    data = cfg.data
-    if slide_mpp is not None:
-        data = dataclasses.replace(data, slide_mpp=slide_mpp)
-    if tissue is not None:
-        data = dataclasses.replace(data, tissue=tissue)
-    cfg = dataclasses.replace(cfg, data=data)
-    out_dir = Path(out)
-    slides_dir = out_dir / "slides"
-    records = collect_records(slides)
-    catalog = make_catalog(records, cfg)
-    classes = list(cfg.data.classes or [])
-    labels = [m.label for m in magnifications_of(cfg)]
-    inference_settings = resolve_inference(cfg, inference, samples, k)
-    settings = _settings_record(cfg, inference_settings, ckpt)
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: expected an integer ≥ 0 (worker processes; 1: this process)")
+    if loader_workers is not None and loader_workers < 0:
+        raise ConfigError(f"--loader-workers {loader_workers}: expected an integer ≥ 0")
+    if not claim_expiry_s > 0:
+        raise ConfigError(f"--claim-expiry {claim_expiry_s}: expected a number of seconds > 0")
+    loaders = loader_workers if loader_workers is not None else (0 if workers == 0 else LOADER_WORKERS)
+    since = time.time() if overwrite else None
+    options: dict[str, Any] = {"inference": inference, "samples": samples, "slide_mpp": slide_mpp}
+    options |= {"tissue": tissue, "k": k}
+    job = _job(run, slides, out, **options, since=since)
+    token = uuid.uuid4().hex[:12]
+    if workers <= 1:
+        status, processed = _work(job, worker=token, loader_workers=loaders, claim_expiry_s=claim_expiry_s)
+        return PredictionRun(status, processed)
 
-    clean_partials(slides_dir)
-    previous = RunStatus.previous_slides(out_dir / "status.json")
-    status = RunStatus(out_dir / "status.json", {"run": str(Path(run).resolve()), "settings": settings})
-    todo: list[int] = []
-    for i, rec in enumerate(records):
-        fp = _fingerprint(catalog, i, cfg)
-        if not overwrite:
-            info = _finished(slides_dir / rec.slide_id, settings)
-            if info is not None:
-                timings = previous.get(rec.slide_id, {}).get("timings_s") or info.get("timings_s")
-                status.set(rec.slide_id, DONE, save=False, path=str(rec.path), timings_s=timings)
-                continue
-            before = previous.get(rec.slide_id, {})
-            if before.get("status") == FAILED and before.get("fingerprint") == fp:
-                status.set(rec.slide_id, FAILED, save=False, **{k: v for k, v in before.items() if k != "status"})
-                continue
-        status.set(rec.slide_id, PENDING, save=False, path=str(rec.path), fingerprint=fp)
-        todo.append(i)
-    status.save()
-    skipped = len(records) - len(todo)
+    states = job.states()
+    todo = sum(job.pending(states, i) for i in range(len(job.records)))
+    count = min(workers, todo)
+    if count:
+        log.info("%d of %d slides to do: starting %d workers", todo, len(job.records), count)
+        common = {"run": run, "slides": list(slides), "out": out, **options, "since": since}
+        common |= {"loader_workers": loaders, "claim_expiry_s": claim_expiry_s}
+        kwargs = [{**common, "worker": f"{token}-{i + 1}"} for i in range(count)]
+        gpus = visible_gpus() if job.cfg.train.accelerator in GPU_ACCELERATORS else []
+        run_workers(_worker_main, kwargs, gpus=gpus)
+    else:
+        log.info("all %d slides already done or failed with unchanged inputs", len(job.records))
+    status = job.merge(states)  # after every worker: sees all of them
+    processed = [r.slide_id for r in job.records if (states.worker_of(r.slide_id) or "").startswith(token)]
+    return PredictionRun(status, processed)
+
+
+def _worker_main(
+    *,
+    run: str | Path,
+    slides: Sequence[str | Path],
+    out: str | Path,
+    worker: str,
+    loader_workers: int,
+    claim_expiry_s: float,
+    since: float | None,
+    **options: Any,
+) -> None:
+    """One worker process of ``predict(workers=N)``."""
+    job = _job(run, slides, out, **options, since=since)
+    _work(job, worker=worker, loader_workers=loader_workers, claim_expiry_s=claim_expiry_s)
+
+
+def _work(job: _Job, *, worker: str, loader_workers: int, claim_expiry_s: float) -> tuple[RunStatus, list[str]]:
+    """One worker: every slide of the job it can claim, then the slides held by workers that died; then the merge.
+    Returns the merged status and the slides this worker processed."""
+    states = job.states()
+    todo = [i for i in range(len(job.records)) if job.pending(states, i)]
+    skipped = len(job.records) - len(todo)
     if skipped:
-        log.info("%d of %d slides already done or failed with unchanged inputs: skipped", skipped, len(records))
+        log.info("%d of %d slides already done or failed with unchanged inputs: skipped", skipped, len(job.records))
+    processed: list[str] = []
+    slides_dir = job.out / "slides"
+    with Claims(job.out / "claims", expiry_s=claim_expiry_s, owner=Owner.current(worker)) as claims:
+        claims.sweep()
+        states.sweep(claims.expiry_s)
+        clean_partials(slides_dir, busy=lambda slide_id: claims.state(slide_id) == "live")
+        if todo:
+            processed = _predict_claimed(job, todo, states, claims, loader_workers)
+        clean_partials(slides_dir, busy=lambda slide_id: claims.state(slide_id) == "live")
+    return job.merge(states), processed
 
-    processed = []
+
+class _ClaimingSampler(Sampler[int]):
+    """The slides of ``order`` this worker claims, in order, drawn as the loader needs them: finished slides are
+    skipped, slides claimed by other workers are set aside in ``contended``."""
+
+    def __init__(self, order: list[int], job: _Job, states: SlideStates, claims: Claims) -> None:
+        self.order, self.job, self.states, self.claims = order, job, states, claims
+        self.contended: list[int] = []
+        self.claimed = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for i in self.order:
+            slide_id = self.job.records[i].slide_id
+            if not self.job.pending(self.states, i):
+                continue  # finished by another worker since
+            if not self.claims.acquire(slide_id):
+                self.contended.append(i)
+                continue
+            if not self.job.pending(self.states, i):  # finished between our look and our claim
+                self.claims.release(slide_id)
+                continue
+            self.states.forget(slide_id)  # a state never describes an older folder
+            self.claimed += 1
+            yield i
+
+
+def _predict_claimed(job: _Job, todo: list[int], states: SlideStates, claims: Claims, loader_workers: int) -> list[str]:
+    """Predict the slides of ``todo`` this worker claims; then wait for those others hold, taking over the claims
+    of the dead, until every slide of ``todo`` is finished. Returns the slides processed here."""
+    run_cfg, model, _ = load_run(job.run)
+    cfg = dataclasses.replace(run_cfg, data=job.cfg.data)  # as the model was loaded (older runs), our overrides
+    catalog = make_catalog(job.records, cfg)
+    position = {i: n for n, i in enumerate(todo, start=1)}
+    recorder = _Recorder(job, states, claims, len(todo))
     pixels = make_pixels(catalog, cfg, model)
     runtime = runtime_of(cfg)
-    loader = prepared_loader(PreparedSlides(catalog, todo), workers if len(todo) > 1 else 0)
-    # Outputs (figures, GeoJSON) are written by one background thread while the model runs on the next slide;
-    # at most MAX_PENDING_WRITES results wait in memory.
-    writes = _Writes(status, slides_dir, classes, labels, settings, len(todo))
+    dataset = PreparedSlides(catalog, range(len(job.records)))
+    poll = min(5.0, claims.heartbeat_s)
+    processed: list[str] = []
+    order, first, waiting = todo, True, False
     try:
-        for n, item in enumerate(loader, start=1):
-            rec = catalog.records[item.index]
-            processed.append(rec.slide_id)
-            fp = status.slides[rec.slide_id]["fingerprint"]
-            if item.error is not None:
-                _fail(status, rec, item.error, fp, n, len(todo))
-                continue
+        while order:
+            sampler = _ClaimingSampler(order, job, states, claims)
+            loader = prepared_loader(dataset, loader_workers if first and len(order) > 1 else 0, sampler=sampler)
+            writes = _Writes(recorder, job.out / "slides", job.classes, job.labels, job.settings)
             try:
-                result = _run_model(model, pixels, runtime, catalog, item, cfg, inference_settings)
-            except Exception as err:  # report and skip: the other slides must still get their results
-                _fail(status, rec, describe_error(err), fp, n, len(todo))
-                continue
-            writes.submit(n, rec, fp, result)
+                for item in loader:
+                    rec = job.records[item.index]
+                    processed.append(rec.slide_id)
+                    n = position[item.index]
+                    if item.error is not None:
+                        recorder.fail(item.index, item.error, n)
+                        continue
+                    try:
+                        result = _run_model(model, pixels, runtime, catalog, item, cfg, job.inference)
+                    except Exception as err:  # report and skip: the other slides must still get their results
+                        recorder.fail(item.index, describe_error(err), n)
+                        continue
+                    writes.submit(n, item.index, result)
+            finally:
+                writes.finish()
+            order = [i for i in sampler.contended if job.pending(states, i)]
+            if order and not sampler.claimed:
+                if not waiting:
+                    log.info("waiting for %d slide(s) held by other workers", len(order))
+                    waiting = True
+                time.sleep(poll)
+            first = False
     finally:
-        writes.finish()
         pixels.close()
         catalog.close()
+    return processed
 
-    _write_tables(out_dir, records, status, classes, labels)
-    return PredictionRun(status, processed)
+
+class _Recorder:
+    """Records a slide's outcome (its state file), gives its claim up, then logs it (a slide logged is recorded)."""
+
+    def __init__(self, job: _Job, states: SlideStates, claims: Claims, total: int) -> None:
+        self.job, self.states, self.claims, self.total = job, states, claims, total
+
+    def done(self, i: int, result: SlideResult, n: int) -> None:
+        rec = self.job.records[i]
+        timings = {k: round(result.timings.get(k, 0.0), 4) for k in TIMING_STEPS}
+        self.states.done(rec.slide_id, str(rec.path), timings, self.claims.owner.worker)
+        self.claims.release(rec.slide_id)
+        predicted = self.job.classes[int(np.argmax(result.probs))]
+        log.info("[%d/%d] %s: %s (%.2f s)", n, self.total, rec.slide_id, predicted, sum(timings.values()))
+
+    def fail(self, i: int, reason: str, n: int) -> None:
+        rec = self.job.records[i]
+        fp = self.job.fingerprint(i)
+        self.states.failed(rec.slide_id, str(rec.path), reason, fp, self.claims.owner.worker)
+        self.claims.release(rec.slide_id)
+        log.error("[%d/%d] %s failed: %s", n, self.total, rec.slide_id, reason)
 
 
 MAX_PENDING_WRITES = 2
 
 
 class _Writes:
-    """Slide folders written by one background thread; their outcome is recorded in the status file from the
-    calling thread, in the order the slides finish."""
+    """Slide folders written by one background thread while the model runs on the next slide (at most
+    MAX_PENDING_WRITES results wait in memory); their outcome is recorded from the calling thread, in the order
+    the slides finish."""
 
     def __init__(
-        self, status: RunStatus, slides_dir: Path, classes: list[str], labels: list[str], settings: dict, total: int
+        self, recorder: _Recorder, slides_dir: Path, classes: list[str], labels: list[str], settings: dict
     ) -> None:
-        self.status, self.slides_dir, self.classes, self.labels = status, slides_dir, classes, labels
-        self.settings, self.total = settings, total
+        self.recorder, self.slides_dir, self.classes, self.labels = recorder, slides_dir, classes, labels
+        self.settings = settings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-write")
-        self.pending: list[tuple[Future, int, SlideRecord, Any, SlideResult]] = []
+        self.pending: list[tuple[Future, int, int, SlideResult]] = []
 
     def _write(self, result: SlideResult) -> SlideResult:
         start = time.perf_counter()
@@ -216,35 +397,27 @@ class _Writes:
         result.timings["write"] = time.perf_counter() - start
         return result
 
-    def submit(self, n: int, rec: SlideRecord, fp: Any, result: SlideResult) -> None:
-        self.pending.append((self.pool.submit(self._write, result), n, rec, fp, result))
+    def submit(self, n: int, i: int, result: SlideResult) -> None:
+        self.pending.append((self.pool.submit(self._write, result), n, i, result))
         self.settle(block=len(self.pending) > MAX_PENDING_WRITES)
 
     def settle(self, block: bool = False) -> None:
         """Record finished writes; with ``block``, wait for the oldest one first."""
         while self.pending and (block or self.pending[0][0].done()):
-            future, n, rec, fp, result = self.pending.pop(0)
+            future, n, i, result = self.pending.pop(0)
             block = False
             try:
                 future.result()
             except Exception as err:
-                _fail(self.status, rec, describe_error(err), fp, n, self.total)
+                self.recorder.fail(i, describe_error(err), n)
                 continue
-            timings = {k: round(result.timings.get(k, 0.0), 4) for k in TIMING_STEPS}
-            self.status.set(rec.slide_id, DONE, path=str(rec.path), timings_s=timings)
-            predicted = self.classes[int(np.argmax(result.probs))]
-            log.info("[%d/%d] %s: %s (%.2f s)", n, self.total, rec.slide_id, predicted, sum(timings.values()))
+            self.recorder.done(i, result, n)
 
     def finish(self) -> None:
         """Wait for every write and record it."""
         while self.pending:
             self.settle(block=True)
         self.pool.shutdown(wait=True)
-
-
-def _fail(status: RunStatus, rec: SlideRecord, reason: str, fp: Any, n: int, total: int) -> None:
-    log.error("[%d/%d] %s failed: %s", n, total, rec.slide_id, reason)
-    status.set(rec.slide_id, FAILED, path=str(rec.path), reason=reason, fingerprint=fp)
 
 
 def _run_model(
@@ -282,30 +455,3 @@ def _run_model(
         timings=timings,
         mpp=catalog.header(i).mpp,
     )
-
-
-def _write_tables(
-    out_dir: Path, records: Sequence[SlideRecord], status: RunStatus, classes: list[str], labels: list[str]
-) -> None:
-    """predictions.csv and timings.csv over every finished slide of the request, in input order."""
-    with_label = any(r.label for r in records)
-    fields = ["slide_id", "path", *(["label"] if with_label else [])]
-    columns = prediction_columns(fields, classes, labels)
-    rows, timing_rows = [], []
-    for rec in records:
-        if status.slides.get(rec.slide_id, {}).get("status") != DONE:
-            continue
-        try:
-            info = json.loads((out_dir / "slides" / rec.slide_id / PREDICTION_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        row: dict[str, Any] = {"slide_id": rec.slide_id, "path": str(rec.path), "predicted": info["predicted"]}
-        if with_label:
-            row["label"] = rec.label or ""
-        row |= {f"prob_{c}": info["probabilities"].get(c) for c in classes}
-        row |= {f"attention_{m}": info["attention_share"].get(m) for m in labels}
-        rows.append(row)
-        t = status.slides[rec.slide_id].get("timings_s") or info.get("timings_s") or {}
-        timing_rows.append({"slide_id": rec.slide_id, **t, "total": round(sum(t.values()), 4)})
-    write_csv(out_dir / "predictions.csv", rows, columns)
-    write_csv(out_dir / "timings.csv", timing_rows, ["slide_id", *TIMING_STEPS, "total"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,11 +171,23 @@ def write_slide_folder(
     return info
 
 
-def clean_partials(folder: str | Path) -> None:
-    """Remove leftovers of interrupted writes (``.ID.partial-*`` / ``.ID.old-*``) in a slides folder."""
+def clean_partials(folder: str | Path, busy: Callable[[str], bool] | None = None) -> None:
+    """Remove leftovers of interrupted writes (``.ID.partial-*`` / ``.ID.old-*``) in a slides folder, except those
+    of slides for which ``busy(ID)`` is true (another worker may be writing them right now)."""
     root = Path(folder)
     if not root.is_dir():
         return
     for entry in root.iterdir():
-        if entry.name.startswith(".") and (".partial-" in entry.name or ".old-" in entry.name):
+        slide_id = _leftover_of(entry.name)
+        if slide_id is not None and not (busy is not None and busy(slide_id)):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def _leftover_of(name: str) -> str | None:
+    """The slide id of a temporary folder name made by :func:`write_slide_folder` (None for other names)."""
+    if not name.startswith("."):
+        return None
+    for marker in (".partial-", ".old-"):
+        if marker in name:
+            return name[1 : name.rindex(marker)]
+    return None

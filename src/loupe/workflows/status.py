@@ -1,5 +1,8 @@
-"""The status file of a batch run: every slide is pending, done or failed (with the reason), saved atomically
-after each change so that an interrupted run shows exactly what is left and a re-run picks up from there."""
+"""The status file of a batch run: every slide is pending, done or failed (with the reason), with counts.
+
+``loupe predict`` writes it whole, atomically, when a worker ends (merged from the per-slide state files: see
+:mod:`loupe.workflows.run_summary`), never once per slide: what an interrupted run left is in the state files, and
+any re-run merges them again."""
 
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ class RunStatus:
         except (OSError, ValueError):
             return {}
 
-    def set(self, slide_id: str, state: str, save: bool = True, **fields: Any) -> None:
-        """Record a slide's state (and fields such as path, reason, timings); saved at once by default."""
+    def set(self, slide_id: str, state: str, save: bool = False, **fields: Any) -> None:
+        """Record a slide's state (and fields such as path, reason, timings); with ``save``, write the file."""
         self.slides[slide_id] = {"status": state, **fields}
         if save:
             self.save()
