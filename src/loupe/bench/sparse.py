@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loupe.bench.speed import Log
-from loupe.config import Config
+from loupe.config import Config, JointConfig
 from loupe.errors import ConfigError
 from loupe.reports import write_json, write_text
 
@@ -55,7 +55,7 @@ def _synthetic_task(evidence: float) -> Callable[[Path], tuple[Config, str, floa
         cfg = dataclasses.replace(
             cfg,
             data=dataclasses.replace(cfg.data, manifest=str(manifest)),
-            joint=dataclasses.replace(cfg.joint, thumbnail_size=(side, side)),
+            joint=_loupe_defaults(dataclasses.replace(cfg.joint, thumbnail_size=(side, side))),
         )
         return cfg, spec.labels[spec.signal_index()], spec.evidence_fraction()
 
@@ -76,9 +76,22 @@ def _mnist_task(folder: Path) -> tuple[Config, str, float]:
         model=dataclasses.replace(cfg.model, magnifications=list(spec.labels)),
         # Ten classes from 1000 images: the learning rate drops ×0.1 after 5 epochs without a better val accuracy.
         train=dataclasses.replace(cfg.train, lr_patience=5, lr_factor=0.1),
-        joint=dataclasses.replace(cfg.joint, patch_size=spec.patch_size, thumbnail_size=(side, side)),
+        joint=_loupe_defaults(dataclasses.replace(cfg.joint, patch_size=spec.patch_size, thumbnail_size=(side, side))),
     )
     return cfg, spec.informative_label(), spec.evidence_fraction()
+
+
+def _loupe_defaults(joint: JointConfig) -> JointConfig:
+    """The demo preset's joint settings with loupe's default discovery settings (the demo turns some off)."""
+    d = JointConfig()
+    return dataclasses.replace(
+        joint,
+        train_draws=d.train_draws,
+        uniform_mix=d.uniform_mix,
+        novelty=d.novelty,
+        novelty_epochs=d.novelty_epochs,
+        magnification_aware=d.magnification_aware,
+    )
 
 
 #: The reduced Megapixel MNIST: side, patch and split sizes (the reference: 1500², 5000 training images).
@@ -116,11 +129,11 @@ DEFAULT_TASKS = ("evidence-1%", "evidence-0.5%", "megapixel-mnist")
 #: (the paper's training), "defaults" loupe's defaults as shipped (4 draws, half-uniform proposal, novelty prior);
 #: names hold no comma (the CLI takes comma-separated lists).
 LEVERS: dict[str, dict[str, Any]] = {
-    "loupe 0.1": {"train_draws": 1, "uniform_mix": 0.0, "novelty": 0.0},
-    "uniform mix 0.5": {"train_draws": 1, "uniform_mix": 0.5, "novelty": 0.0},
-    "4 draws": {"train_draws": 4, "uniform_mix": 0.0, "novelty": 0.0},
-    "novelty prior": {"train_draws": 1, "uniform_mix": 0.0, "novelty": 1.0},
-    "4 draws + novelty": {"train_draws": 4, "uniform_mix": 0.0, "novelty": 1.0},
+    "loupe 0.1": {"train_draws": 1, "uniform_mix": 0.0, "novelty": 0.0, "magnification_aware": False},
+    "uniform mix 0.5": {"train_draws": 1, "uniform_mix": 0.5, "novelty": 0.0, "magnification_aware": False},
+    "4 draws": {"train_draws": 4, "uniform_mix": 0.0, "novelty": 0.0, "magnification_aware": False},
+    "novelty prior": {"train_draws": 1, "uniform_mix": 0.0, "novelty": 1.0, "magnification_aware": False},
+    "4 draws + novelty": {"train_draws": 4, "uniform_mix": 0.0, "novelty": 1.0, "magnification_aware": False},
     "defaults without magnification maps": {"magnification_aware": False},
     "defaults": {},
 }
