@@ -71,10 +71,10 @@ def test_training_step_gives_a_finite_loss_with_gradients_everywhere():
     module.train()
     loss = module.training_step(_batch(), 0)
     assert loss.ndim == 0 and torch.isfinite(loss)
-    # Sampling: k cells of each batch slide, read for the right catalog indices.
+    # Sampling: train_draws draws of k cells of each batch slide, read at once for the right catalog indices.
     assert len(reader.calls) == 1
     indices, cells = reader.calls[0]
-    assert indices == [7, 3] and cells.shape == (2, 3)
+    assert indices == [7, 3] and cells.shape == (2, 3 * module.model.train_draws)
     loss.backward()
     model = module.model
     for name, part in [

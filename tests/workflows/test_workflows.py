@@ -111,9 +111,7 @@ def test_a_joint_run_trained_before_magnification_maps_still_loads(trained_run: 
         state["state_dict"] = {k: v for k, v in state["state_dict"].items() if ".magnification_maps." not in k}
         torch.save(state, path)
     raw = yaml.safe_load((old / "config.yaml").read_text())
-    raw["joint"].pop("magnification_aware")
+    raw["joint"].pop("magnification_aware")  # the setting's default (true) would expect maps in the weights
     (old / "config.yaml").write_text(yaml.safe_dump(raw))
     cfg, model, _ = load_run(old)
     assert cfg.joint.magnification_aware is False and model.magnification_maps is None
-    _, current, _ = load_run(trained_run)
-    assert current.magnification_maps is not None
