@@ -153,3 +153,14 @@ def test_release_leaves_a_claim_taken_over_by_another_worker(tmp_path, caplog):
     assert "taken over" in caplog.text
     a.release("s")
     assert b.holds("s") and b.path("s").exists()
+
+
+def test_clear_stale_deletes_only_the_claims_of_dead_workers(tmp_path):
+    me = Owner.current("me")
+    _plant(tmp_path, "dead", dataclasses.replace(me, worker="killed", pid=_dead_pid()))  # killed before releasing
+    _plant(tmp_path, "live", dataclasses.replace(me, worker="other"))  # this process: alive
+    _plant(tmp_path, "remote", _elsewhere(), age_s=5.0)  # another machine, heartbeat fresh
+    claims = Claims(tmp_path, expiry_s=60.0, owner=me)
+    assert claims.clear_stale(["dead", "live", "remote", "never-claimed"]) == 1
+    assert claims.state("dead") == "free"
+    assert claims.state("live") == "live" and claims.state("remote") == "live"

@@ -368,6 +368,21 @@ class Claims:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
 
+    def clear_stale(self, names: list[str]) -> int:
+        """Delete the stale claims of ``names`` (slides already finished whose owner died between recording the
+        result and releasing its claim); return how many were deleted."""
+        cleared = 0
+        for name in names:
+            if name in self._held:
+                continue
+            try:
+                seen = os.stat(self.path(name))
+            except FileNotFoundError:
+                continue
+            if self._stale(seen, self.holder(name)) and self._break(self.path(name), seen):
+                cleared += 1
+        return cleared
+
     def sweep(self) -> None:
         """Delete leftovers of killed workers (temporary files and break locks older than the expiry)."""
         now = self._now()

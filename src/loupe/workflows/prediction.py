@@ -277,6 +277,8 @@ def _work(job: _Job, *, worker: str, loader_workers: int, claim_expiry_s: float)
         if todo:
             processed = _predict_claimed(job, todo, states, claims, loader_workers)
         clean_partials(slides_dir, busy=lambda slide_id: claims.state(slide_id) == "live")
+        # A worker killed after recording a slide but before releasing its claim leaves the claim behind.
+        claims.clear_stale([rec.slide_id for rec in job.records])
     return job.merge(states), processed
 
 
