@@ -204,3 +204,10 @@ def magnification_totals(attention: ArrayT, shapes: Sequence[tuple[int, int]]) -
     if isinstance(attention, Tensor):
         return torch.stack([m.sum((-2, -1)) for m in maps], dim=-1)
     return np.stack([m.sum((-2, -1)) for m in maps], axis=-1)
+
+
+def magnification_of(cells: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
+    """The magnification index of flat cell indices (any shape), from the grids' (rows, cols): the inverse of
+    :func:`split_by_magnification`'s layout, kept beside it."""
+    ends = torch.tensor([r * c for r, c in shapes], device=cells.device).cumsum(0)
+    return torch.bucketize(cells.contiguous(), ends, right=True)

@@ -24,7 +24,14 @@ from loupe.models.estimators import (
     proposal,
     sample_cells,
 )
-from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
+from loupe.models.interface import (
+    InferenceSettings,
+    PixelSource,
+    SlideBatch,
+    SlideClassifier,
+    SlideOutput,
+    magnification_of,
+)
 
 #: Reads the patches of cells: flat cell indices (B, n) → float patches (B, n, 3, p, p) in [0, 1].
 PatchReader = Callable[[Tensor], Tensor]
@@ -256,12 +263,6 @@ class JointAttentionSampler(SlideClassifier):
         return SlideOutput(
             draw_logits.mean(0), probs, cells, regulariser=regulariser, draw_logits=draw_logits, auxiliary=auxiliary
         )
-
-
-def magnification_of(cells: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
-    """The magnification index of flat cell indices (any shape), from the grids' (rows, cols)."""
-    ends = torch.tensor([r * c for r, c in shapes], device=cells.device).cumsum(0)
-    return torch.bucketize(cells.contiguous(), ends, right=True)
 
 
 def _identity_linear(d: int) -> nn.Linear:
