@@ -1,7 +1,7 @@
 """`loupe predict` with 1 and with 2 workers on one folder of many small pyramidal slides: throughput, per-step
 time per slide, and whether the time per slide grows with the number of slides already done.
 
-One small JPEG-tiled pyramidal slide is written and hard-linked (or copied) N times under different names: every
+One JPEG-tiled pyramidal slide per size is written and hard-linked (or copied) N times under different names: every
 copy is a slide of its own for loupe (its cache key is its path), so each is opened, thumbnailed, tissue-detected,
 read and written like any other. Each worker count predicts the whole folder into a fresh output folder with a
 fresh slide cache. Per slide, the state files give when it finished; time per slide is compared between the first
@@ -9,6 +9,8 @@ and the last 10% of the slides finished (the status file is no longer rewritten 
 
     python benchmarks/predict_workers.py --out runs/bench-workers --run RUN_DIR            # 1,000 slides
     python benchmarks/predict_workers.py --out runs/bench-workers --run RUN_DIR --n 50 --workers 1 2 4
+    python benchmarks/predict_workers.py --out runs/bench-mixed --run RUN_DIR --n 52 \
+        --size 5000x4000 20000x15000 40000x30000 80000x60000                                # mixed sizes
 
 Writes OUT/predict_workers.json and OUT/predict_workers.md. Bytes read per slide (the ``rchar`` of /proc/self/io:
 every byte a read call returned, page cache included) are measured with one worker, whose reads all happen in
@@ -37,20 +39,24 @@ def _size(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def _slides(out: Path, n: int, size: tuple[int, int]) -> Path:
-    """A folder of ``n`` names for one small pyramidal slide."""
-    folder = out / f"slides-{size[0]}x{size[1]}"
-    source = out / f"source-{size[0]}x{size[1]}.svs"
-    if not source.is_file():
-        make_pyramidal_slide(source, size[0], size[1], mpp=0.25, tissue_fraction=0.3, seed=0)
+def _slides(out: Path, n: int, sizes: list[tuple[int, int]]) -> Path:
+    """A folder of ``n`` names for one small pyramidal slide per size, the sizes taken in turn."""
+    tag = "_".join(f"{w}x{h}" for w, h in sizes)
+    folder = out / f"slides-{tag}"
+    sources = []
+    for w, h in sizes:
+        source = out / f"source-{w}x{h}.svs"
+        if not source.is_file():
+            make_pyramidal_slide(source, w, h, mpp=0.25, tissue_fraction=0.3, seed=0)
+        sources.append(source)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         target = folder / f"slide_{i:05d}.svs"
         if not target.exists():
             try:
-                os.link(source, target)
+                os.link(sources[i % len(sources)], target)
             except OSError:
-                shutil.copyfile(source, target)
+                shutil.copyfile(sources[i % len(sources)], target)
     for extra in sorted(folder.glob("slide_*.svs"))[n:]:
         extra.unlink()
     return folder
@@ -143,7 +149,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--run", type=Path, required=True, help="a trained run (e.g. the demo's: runs/demo/run)")
     parser.add_argument("--n", type=int, default=1000, help="slides")
-    parser.add_argument("--size", type=_size, default=(4096, 3072), help="slide size WxH at 0.25 µm/px")
+    parser.add_argument(
+        "--size", type=_size, nargs="+", default=[(4096, 3072)], help="slide sizes WxH at 0.25 µm/px, taken in turn"
+    )
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--loader-workers", type=int, default=0, help="per worker (0: bytes read are measured)")
     args = parser.parse_args()
@@ -153,7 +161,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "run": str(args.run),
-        "size": f"{args.size[0]}×{args.size[1]}",
+        "size": ", ".join(f"{w}×{h}" for w, h in args.size),
         "loader_workers": args.loader_workers,
     }
     write_json(args.out / "predict_workers.json", {"environment": env, "rows": rows})

@@ -178,3 +178,12 @@ def test_the_console_prints_each_lightning_message_once_and_no_advertisement():
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err.count("GPU available") == 1 and "loupe: GPU available" in err, err
     assert "litlogger" not in err, err
+
+
+def test_train_help_documents_every_setting_with_its_docstring(loupe):
+    """`loupe train --help` shows each setting's attribute docstring (what the README promises)."""
+    result = loupe("train", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--train.devices" in text and "one training process each" in text
+    assert "Training draws come from" in text  # joint.uniform_mix's docstring

@@ -28,6 +28,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "data.read_threads": ["0"],
     "data.val_fraction": ["-0.1", "1"],
     "data.test_fraction": ["1.2"],
+    "data.max_failed_fraction": ["-0.01", "1.5", "nan"],
     "model.magnifications": ["[]"],
     "model.patch_backbone": ["no_such_net"],
     "model.patch_pretrained": ["/no/such/weights.pth"],
@@ -63,6 +64,9 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "train.seed": ["-1"],
     "train.accelerator": ["tpu"],
     "train.precision": ["8-bit"],
+    "train.devices": ["0", "-1"],
+    "train.num_nodes": ["0"],
+    "train.strategy": ["fsdp", "deepspeed"],
 }
 
 #: The architecture whose section a key's value must be tried under (the others are refused as unused).

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,13 +148,15 @@ def _import_bach_parser(prog: str) -> ArgumentParser:
 
 def _train(ns: Namespace, args: list[str]) -> int:
     from loupe.config import config_from_namespace, parse_arguments
+    from loupe.training.distributed import is_first_process
     from loupe.workflows.training import train
 
     parser = _train_parser("loupe train")
     given = parse_arguments(parser, args, defaults=False)
     cfg = config_from_namespace(parser, ns, given)
     run = train(cfg, out=ns.out)
-    print(f"run folder: {run}")
+    if is_first_process():  # of a DDP run, whose every process ends here
+        print(f"run folder: {run}")
     return 0
 
 
@@ -380,6 +383,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.run(ns, rest)
     except LoupeError as err:
         print(f"loupe {name}: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as err:
+        from loupe.errors import is_write_refusal, output_error
+
+        if not is_write_refusal(err):
+            raise
+        print(f"loupe {name}: error: {output_error(err)}", file=sys.stderr)  # full disk, read-only folder
+        return USAGE_ERROR
+    except pickle.UnpicklingError as err:  # a weights-only load refused a file holding other objects
+        reason = " ".join(str(err).split())[:300]
+        print(
+            f"loupe {name}: error: refused to load a checkpoint or weights file holding Python objects other than "
+            f"weights ({reason}); loupe loads such files weights-only, so that they cannot run code",
+            file=sys.stderr,
+        )
         return USAGE_ERROR
 
 

@@ -8,6 +8,7 @@ is checked when the config is built (:func:`validate_config`), before any slide 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -30,6 +31,8 @@ INFERENCE_MODES: tuple[str, ...] = get_args(InferenceMode)
 #: Lightning precision settings accepted by ``train.precision``.
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+#: Lightning strategies loupe trains with: one device, or data-parallel processes (DDP).
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class DataConfig:
     test_fraction: float = 0.2
     """Used only for slides without a split value: stratified, group-aware random split."""
     split_seed: int = 0
+    max_failed_fraction: float = 0.05
+    """Training skips (with a warning, listed in the run's ``skipped_slides.json``) slides that cannot be read,
+    before or during training, and stops with a message once more than this fraction of its slides failed."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,14 @@ class TrainConfig:
     channels_last: bool = True
     """Run the networks channels-last: faster convolutions with cuDNN (above all with AMP) and with oneDNN on CPU."""
     progress_bar: bool = True
+    devices: int = 1
+    """Devices (GPUs, or CPU processes) per node, one training process each (Lightning DDP when more than one in
+    all): every process trains on its own shard of each epoch, and ``data.batch_size`` is the batch of each one."""
+    num_nodes: int = 1
+    """Nodes of a multi-node run (launched by SLURM's ``srun`` or by ``torchrun`` on each node)."""
+    strategy: str = "auto"
+    """Lightning strategy: auto (ddp when devices × num_nodes > 1), ddp, ddp_spawn, or
+    ddp_find_unused_parameters_true (a custom model with parameters some steps do not use)."""
 
 
 #: Each architecture's settings section: its name in the config and its dataclass.
@@ -296,6 +310,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "data.read_threads": POSITIVE_INT,
     "data.val_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "data.test_fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "data.max_failed_fraction": FRACTION,
     "model.magnifications": (lambda v: isinstance(v, list) and len(v) >= 1, "a list of at least one magnification"),
     "model.patch_backbone": BACKBONE,
     "model.patch_pretrained": PRETRAINED,
@@ -331,6 +346,9 @@ RULES: dict[str, tuple[Check, str]] = {
     "train.seed": NON_NEGATIVE_INT,
     "train.accelerator": ((lambda v: v in ACCELERATORS), f"one of {', '.join(ACCELERATORS)}"),
     "train.precision": ((lambda v: str(v) in PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
+    "train.devices": POSITIVE_INT,
+    "train.num_nodes": POSITIVE_INT,
+    "train.strategy": ((lambda v: v in STRATEGIES), f"one of {', '.join(STRATEGIES)}"),
 }
 
 
@@ -423,8 +441,9 @@ def _show(value: Any) -> str:
 
 def config_parser(prog: str = "loupe train") -> ArgumentParser:
     """The jsonargparse parser of a run's settings: ``--config FILE`` (repeatable) and every field as an option."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # each setting's docstring is its --help text
     parser = ArgumentParser(prog=prog, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later ones override")
     for f in fields(Config):
@@ -481,10 +500,43 @@ def parse_arguments(parser: ArgumentParser, args: list[str], defaults: bool = Tr
     """jsonargparse's parse, with its errors turned into one :class:`ConfigError` line."""
     from jsonargparse import ArgumentError
 
+    for flag, value in itertools.pairwise(args):
+        if flag == "--config":
+            check_config_file(Path(value))
     try:
         return parser.parse_args(args, defaults=defaults)
     except ArgumentError as err:
         raise ConfigError(argument_error_message(str(err))) from None
+
+
+def check_config_file(path: Path) -> None:
+    """Refuse, with one message naming the file, what jsonargparse would meet with a traceback: a file that is not
+    UTF-8 text, not YAML, not a mapping, or with a section that is not a mapping of settings."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        reason = f"{err.reason} at byte {err.start}"
+        raise ConfigError(f"config {path} is not UTF-8 text ({reason}): save it as UTF-8") from None
+    except OSError:
+        return  # missing or unreadable: reported by the parser
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not readable YAML ({' '.join(str(err).split())})") from None
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config {path} must be a mapping of sections (data:, model:, train:, ...), not a {type(raw).__name__}"
+        )
+    for name, value in raw.items():
+        if name in _SECTION_TYPES and not isinstance(value, dict):
+            raise ConfigError(
+                f"config {path}: section {name} must be a mapping of settings (e.g. {name}:\n  key: value), "
+                f"got {_show(value)}"
+            )
 
 
 def argument_error_message(text: str) -> str:
@@ -537,7 +589,7 @@ def load_config(path: str | Path) -> Config:
 
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"config {path} is not readable YAML ({' '.join(str(err).split())})") from None
     if isinstance(raw, dict) and is_legacy_layout(raw):
         import logging

@@ -72,6 +72,43 @@ def test_shape_batch_sampler_groups_equal_shapes_and_covers_each_item_once(shuff
         assert epochs[0] == epochs[1] == epochs[2]
 
 
+SHARDED = [((1, 1), (2, 2))] * 7 + [((2, 2), (3, 4))] * 4 + [((1, 1), (2, 3))] * 2  # 6 batches of ≤ 3
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shape_batch_sampler_shards_each_epoch_across_ranks(ranks: int, shuffle: bool):
+    """Every rank takes as many steps; together they cover the epoch's batches, each once, except the padding
+    that makes the count a multiple of the ranks (repeats of the first batches, fewer than one per rank)."""
+    samplers = [ShapeBatchSampler(SHARDED, 3, shuffle, seed=7, num_replicas=ranks, rank=r) for r in range(ranks)]
+    whole = ShapeBatchSampler(SHARDED, 3, shuffle, seed=7)
+    for epoch in (0, 1, 2):
+        for s in [*samplers, whole]:
+            s.set_epoch(epoch)
+        reference = whole.epoch_batches()
+        shards = [list(s) for s in samplers]
+        steps = -(-len(reference) // ranks)
+        assert [len(s) for s in samplers] == [len(sh) for sh in shards] == [steps] * ranks
+        # Interleaved back in rank order, the shards are the epoch's list, then its first batches again.
+        merged = [shards[i % ranks][i // ranks] for i in range(steps * ranks)]
+        assert merged[: len(reference)] == reference
+        assert merged[len(reference) :] == reference[: steps * ranks - len(reference)]
+        assert Counter(i for batch in merged[: len(reference)] for i in batch) == Counter(range(len(SHARDED)))
+
+
+def test_shape_batch_sampler_reshuffles_per_epoch_reproducibly():
+    a = ShapeBatchSampler(SHARDED, 3, True, seed=7, num_replicas=2, rank=1)
+    b = ShapeBatchSampler(SHARDED, 3, True, seed=7, num_replicas=2, rank=1)
+    a.set_epoch(4)
+    b.set_epoch(4)
+    assert list(a) == list(b)  # a resumed run (Lightning sets the epoch) draws the same shard again
+    orders = set()
+    for epoch in range(6):
+        a.set_epoch(epoch)
+        orders.add(tuple(tuple(x) for x in a))
+    assert len(orders) > 1
+
+
 def test_make_loader_yields_shape_homogeneous_batches(catalog):
     ds = ThumbnailDataset(catalog, list(range(11)), labels=[i % 2 for i in range(11)])
     loader = make_loader(ds, batch_size=4, shuffle=True, num_workers=0)

@@ -74,7 +74,7 @@ def _mnist_task(folder: Path) -> tuple[Config, str, float]:
         cfg,
         data=dataclasses.replace(cfg.data, manifest=str(manifest)),
         model=dataclasses.replace(cfg.model, magnifications=list(spec.labels)),
-        # Ten classes from 1000 images: the learning rate drops ×0.1 after 5 epochs without a better val accuracy.
+        # Ten classes: the learning rate drops ×0.1 after 5 epochs without a better validation accuracy.
         train=dataclasses.replace(cfg.train, lr_patience=5, lr_factor=0.1),
         joint=_loupe_defaults(dataclasses.replace(cfg.joint, patch_size=spec.patch_size, thumbnail_size=(side, side))),
     )
@@ -97,7 +97,8 @@ def _loupe_defaults(joint: JointConfig) -> JointConfig:
 #: The reduced Megapixel MNIST: side, patch and split sizes (the reference: 1500², 5000 training images).
 MNIST_SIZE = 384
 MNIST_PATCH = 32
-MNIST_SPLITS = (("train", 1000), ("val", 200), ("test", 500))
+#: 2000 training images (1000 before: test error 20.8% at 40 epochs; 2000: 16%), 35 min per seed on a shared 2-core CPU.
+MNIST_SPLITS = (("train", 2000), ("val", 200), ("test", 500))
 
 TASKS: dict[str, SparseTask] = {
     "evidence-1%": SparseTask(
@@ -117,7 +118,7 @@ TASKS: dict[str, SparseTask] = {
     "megapixel-mnist": SparseTask(
         "megapixel-mnist",
         f"Megapixel MNIST reduced to {MNIST_SIZE}², patch {MNIST_PATCH}: label = the majority of 3 + 2 digits, "
-        "noise scribbles, 10 classes (1000 / 200 / 500 images)",
+        "noise scribbles, 10 classes (2000 / 200 / 500 images)",
         _mnist_task,
         n_classes=10,
         epochs=40,

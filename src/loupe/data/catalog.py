@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+from loupe.atomic import write_text
 from loupe.data.manifest import SlideRecord
 from loupe.data.preparation import PrepSettings, SlideHeader, SlidePreparer, Timer
-from loupe.errors import LoupeError, SlideError
+from loupe.errors import LoupeError, SlideError, SlideReadError
+from loupe.models.interface import SlideBatch
 from loupe.slides import Magnification, SlideGrid, SlideReader, open_slide
 from loupe.slides.cache import SlideCache
 from loupe.slides.tissue import TissueSettings
+
+log = logging.getLogger("loupe")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,60 @@ class SlideProblem:
 
     record: SlideRecord
     reason: str
+
+
+#: The run folder's list of the slides training skipped (slide_id, path, reason, when).
+SKIPPED_SLIDES_FILE = "skipped_slides.json"
+
+
+@dataclass
+class SlideFailures:
+    """The slides a training run skips, and why: found unusable before training, or failing while it runs (a
+    corrupt tile deep in level 0, a file truncated or replaced meanwhile). Each is warned about once and written
+    to ``record`` (a JSON list, rewritten atomically) when set; once more than ``max_fraction`` of the ``total``
+    slides failed, :meth:`add` raises a :class:`SlideError` listing them: the data, not one slide, is at fault."""
+
+    records: Sequence[SlideRecord]
+    """The catalog's records (indices refer to them)."""
+    total: int
+    """The slides the run uses (the fraction's denominator)."""
+    max_fraction: float
+    record: Path | None = None
+    failed: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.failed
+
+    def add(self, index: int, reason: str, when: str, check: bool = True) -> None:
+        """Count catalog slide ``index`` as failed (once); with ``check``, raise when too many have."""
+        if index in self.failed:
+            return
+        rec = self.records[index]
+        self.failed[index] = {"slide_id": rec.slide_id, "path": str(rec.path), "reason": reason, "when": when}
+        log.warning("skipping slide %s (%s): %s", rec.slide_id, when, reason)
+        self.save()
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """Raise a SlideError when more than ``max_fraction`` of the slides failed."""
+        n = len(self.failed)
+        if n and n > self.max_fraction * self.total:
+            lines = "\n".join(f"  {v['slide_id']} ({v['path']}): {v['reason']}" for v in self.failed.values())
+            raise SlideError(
+                f"{n} of {self.total} slides cannot be read ({100 * n / self.total:.1f}%, more than "
+                f"data.max_failed_fraction={self.max_fraction:g}):\n{lines}\nRepair or remove these slides (or "
+                "raise data.max_failed_fraction to train without them)"
+            )
+
+    def save(self) -> None:
+        """Write the list of skipped slides to ``record`` (when set)."""
+        if self.record is not None:
+            write_text(self.record, json.dumps(list(self.failed.values()), indent=2, ensure_ascii=False) + "\n")
+
+    def keep(self, indices: Sequence[int]) -> list[int]:
+        """``indices`` without the failed slides."""
+        return [i for i in indices if i not in self.failed]
 
 
 class SlideCatalog:
@@ -135,30 +198,33 @@ class SlideCatalog:
         """Slide i's valid cells (N,) bool: tissue cells, or all cells when detection is off."""
         return self.tissue_and_valid(i, timer)[1]
 
-    def _problem(self, i: int) -> SlideProblem | None:
+    def _problem(self, i: int, thumbnail: bool = False) -> SlideProblem | None:
         rec = self.records[i]
         try:
             self.grid(i)
             if self.tissue is not None:
                 self.valid(i)
+            if thumbnail:
+                self.thumbnail(i)
         except LoupeError as err:
             return SlideProblem(rec, str(err))
         except Exception as err:  # a backend failing in an unforeseen way must not hide the other slides
             return SlideProblem(rec, f"{type(err).__name__}: {err}")
         return None
 
-    def check(self, threads: int = 8) -> list[SlideProblem]:
-        """Open every slide, build its grid (and tissue mask); return the ones that fail (unreadable, no µm/px,
-        too small, no tissue). Slides are checked concurrently; results fill the cache for later epochs."""
+    def check(self, threads: int = 8, thumbnails: bool = False) -> list[SlideProblem]:
+        """Open every slide, build its grid (and tissue mask; with ``thumbnails``, its thumbnail); return the ones
+        that fail (unreadable, no µm/px, too small, no tissue). Slides are checked concurrently; results fill the
+        cache for later epochs."""
         if threads <= 1 or len(self.records) <= 1:
-            found = [self._problem(i) for i in range(len(self.records))]
+            found = [self._problem(i, thumbnails) for i in range(len(self.records))]
         else:
             # The first slide alone: its reader's lazy imports happen in this thread. Several threads importing
             # (compiling) one module at once can fail in CPython 3.11 ("SystemError: AST constructor recursion
             # depth mismatch"), seen here on a fresh cache with PYTHONDONTWRITEBYTECODE set.
-            found = [self._problem(0)]
+            found = [self._problem(0, thumbnails)]
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="loupe-check") as pool:
-                found += list(pool.map(self._problem, range(1, len(self.records))))
+                found += list(pool.map(lambda i: self._problem(i, thumbnails), range(1, len(self.records))))
         return [p for p in found if p is not None]
 
     def require_all(self) -> None:
@@ -173,3 +239,27 @@ class SlideCatalog:
             for r in self._readers.values():
                 r.close()
             self._readers = {}
+
+
+def run_dropping_failed(
+    batch: SlideBatch, run: Callable[[SlideBatch], T], failures: SlideFailures | None, when: str
+) -> tuple[SlideBatch, T] | None:
+    """``run(batch)`` without the slides that fail to read: a slide whose patches cannot be read (a
+    :class:`SlideReadError`) is counted in ``failures`` and dropped from the batch, and the rest run again; slides
+    that failed before are dropped first. None when no slide of the batch is left (the caller then takes a step
+    that changes nothing, so that the ranks of a distributed run stay in step). Without ``failures`` it is
+    ``run(batch)``."""
+    if failures is None:
+        return batch, run(batch)
+    while True:
+        keep = [b for b, i in enumerate(batch.slides) if i not in failures]
+        if not keep:
+            return None
+        if len(keep) < len(batch):
+            batch = batch.select(keep)
+        try:
+            return batch, run(batch)
+        except SlideReadError as err:
+            if err.index not in batch.slides:
+                raise
+            failures.add(err.index, str(err), when)

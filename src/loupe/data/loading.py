@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loupe.data.catalog import SlideCatalog
 from loupe.data.preparation import Timer
-from loupe.errors import describe_error
+from loupe.errors import SlideReadError, describe_error
 from loupe.models.interface import GridShapes, SlideBatch
+from loupe.training.distributed import world
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,26 @@ def prepared_loader(dataset: PreparedSlides, num_workers: int, sampler: Sampler[
 
 
 class ShapeBatchSampler(Sampler[list[int]]):
-    """Batches of items whose grids have the same shapes (so attention maps stack), shuffled per epoch."""
+    """Batches of items whose grids have the same shapes (so attention maps stack), shuffled per epoch.
 
-    def __init__(self, shapes: Sequence[tuple], batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    In a data-parallel run each rank takes every ``world``-th batch of the epoch's one shuffled list (the same
+    list on every rank: it depends only on the seed and the epoch), so the ranks' shards are disjoint and their
+    union is the epoch. The list is padded by repeating its first batches to a multiple of the number of ranks,
+    so that every rank takes the same number of steps (none waits forever at a collective); the repeats are at
+    most ``world - 1`` batches (validation drops them when it gathers). The number of ranks is read when the
+    batches are drawn, so a sampler made before the process group exists (as Lightning's launch does) shards
+    correctly. ``num_replicas`` and ``rank`` override it."""
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple],
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         self.groups: dict[tuple, list[int]] = defaultdict(list)
         for item, s in enumerate(shapes):
             self.groups[tuple(s)].append(item)
@@ -180,20 +198,41 @@ class ShapeBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order to draw (Lightning calls it before every epoch, also after a resume)."""
+        self.epoch = epoch
+
+    def _world(self) -> tuple[int, int]:
+        size, rank = world()
+        return (self.num_replicas or size), (self.rank if self.rank is not None else rank)
+
+    def epoch_batches(self) -> list[list[int]]:
+        """The batches of the current epoch, all ranks together, in order (before sharding)."""
         rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
         batches = []
         for items in self.groups.values():
             order = rng.permutation(items).tolist() if self.shuffle else list(items)
             batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches()
+        self.epoch += 1  # without set_epoch (a plain loop), the next pass draws a new order
+        size, rank = self._world()
+        if size > 1 and batches:
+            padded = len(self) * size
+            batches = [batches[i % len(batches)] for i in range(padded)][rank::size]
         return iter(batches)
 
     def __len__(self) -> int:
-        return sum(-(-len(v) // self.batch_size) for v in self.groups.values())
+        n = sum(-(-len(v) // self.batch_size) for v in self.groups.values())
+        size, _ = self._world()
+        return -(-n // size)
 
 
 def make_loader(
@@ -245,26 +284,41 @@ class CellReader:
         if b * n:
             slides = [int(i) for i in slide_indices]
             rects = np.concatenate([self.catalog.grid(i).cell_rects(cells_np[r]) for r, i in enumerate(slides)])
-            readers = [self.catalog.reader(i) for i in slides]
+            readers = [self._reader(i) for i in slides]
             bounds = np.linspace(0, b * n, min(self.threads, b * n) + 1).round().astype(int)
             ranges = [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds) if hi > lo]
             flat = out.numpy()
             if len(ranges) == 1:
-                _read_range(readers, n, rects, flat, *ranges[0], p)
+                _read_range(readers, n, rects, flat, *ranges[0], p, slides)
             else:
-                for job in [self._pool.submit(_read_range, readers, n, rects, flat, lo, hi, p) for lo, hi in ranges]:
+                jobs = [self._pool.submit(_read_range, readers, n, rects, flat, lo, hi, p, slides) for lo, hi in ranges]
+                for job in jobs:
                     job.result()
         return out.view(b, n, p, p, 3).permute(0, 1, 4, 2, 3)
+
+    def _reader(self, i: int) -> Any:
+        """Catalog slide i's reader; a slide that no longer opens raises a SlideReadError naming it."""
+        try:
+            return self.catalog.reader(i)
+        except Exception as err:
+            raise SlideReadError(describe_error(err), i) from err
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
-def _read_range(readers: list, n: int, rects: np.ndarray, out: np.ndarray, lo: int, hi: int, p: int) -> None:
+def _read_range(
+    readers: list, n: int, rects: np.ndarray, out: np.ndarray, lo: int, hi: int, p: int, slides: Sequence[int]
+) -> None:
     """Read flat cells [lo, hi) (slide = index // n) into ``out`` (N, p, p, 3) as float in [0, 1], one call per
-    slide; NumPy converts (it releases the GIL and, unlike torch ops, starts no thread pool inside the worker)."""
+    slide; NumPy converts (it releases the GIL and, unlike torch ops, starts no thread pool inside the worker).
+    A failing read raises a SlideReadError with the catalog index (``slides``) of its slide."""
     while lo < hi:
         slide = lo // n
         stop = min(hi, (slide + 1) * n)
-        np.divide(readers[slide].read_regions(rects[lo:stop], (p, p)), np.float32(255), out=out[lo:stop])
+        try:
+            patches = readers[slide].read_regions(rects[lo:stop], (p, p))
+        except Exception as err:  # a corrupt tile, a file truncated or replaced while in use
+            raise SlideReadError(f"reading patches failed: {describe_error(err)}", slides[slide]) from err
+        np.divide(patches, np.float32(255), out=out[lo:stop])
         lo = stop

@@ -120,6 +120,35 @@ def _rows(rows: Sequence[int]) -> str:
     return ("row " if len(rows) == 1 else "rows ") + ", ".join(str(r) for r in rows)
 
 
+#: The longest slide id (UTF-8 bytes): it names a folder and files (``ID.json``, ``.ID.partial-…``) in outputs,
+#: and file names are limited to 255 bytes.
+MAX_ID_BYTES = 200
+
+
+def unsafe_slide_id(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot name an output folder (None when it can): it would escape the folder (a path
+    separator, ``.`` or ``..``), be taken for a hidden or temporary entry (a leading dot), hold control characters,
+    or be too long for a file name. Spaces, non-ASCII letters and punctuation are fine."""
+    if slide_id in (".", ".."):
+        return "is a path step, not a name"
+    if "/" in slide_id or "\\" in slide_id:
+        return "contains a path separator (/ or \\)"
+    if slide_id.startswith("."):
+        return "starts with a dot (outputs would be hidden, taken for temporary files)"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in slide_id):
+        return "contains control characters"
+    if len(slide_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
+def _windows_hint(raw: str) -> str:
+    """A hint for a path written on Windows (drive letter, backslashes), which does not resolve here."""
+    if "\\" in raw or (len(raw) > 1 and raw[1] == ":" and raw[0].isalpha()):
+        return "  (a Windows path: write it with / as this machine sees the file)"
+    return ""
+
+
 def _default_slide_id(path: Path) -> str:
     """File stem; for a DICOM file (one of many in a slide folder) the folder's name."""
     if path.suffix.lower() in DICOM_SUFFIXES:
@@ -137,9 +166,20 @@ def _sniff_delimiter(header_line: str) -> str:
     return ","
 
 
+#: The largest manifest read (bytes): 100,000 slides take ~20 MB; a larger file is not a manifest (a slide or an
+#: archive given by mistake) and would be read whole into memory.
+MAX_MANIFEST_BYTES = 512 * 2**20
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header (normalised names) and the non-blank rows with their spreadsheet row numbers."""
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"Manifest {path} is {size / 2**20:.0f} MB, more than any manifest ({MAX_MANIFEST_BYTES // 2**20} "
+                f"MB): is it the right file? {_EXPECTED}"
+            )
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ManifestError(
@@ -181,7 +221,7 @@ def load_manifest(
     Relative slide paths are resolved against the CSV's folder. ``classes`` fixes the class order (and rejects
     other labels); by default it is the sorted unique labels. ``check_files`` checks that every slide exists.
     """
-    source = Path(os.path.abspath(Path(path).expanduser()))
+    source = Path(os.path.abspath(Path(os.path.expanduser(path))))
     if not source.exists():
         raise ManifestError(
             f"Manifest {source} not found. Check the path (relative paths are taken from the working "
@@ -225,6 +265,7 @@ def load_manifest(
     unknown_labels: dict[str, list[int]] = defaultdict(list)
     bad_mpp: list[tuple[int, str]] = []
     bad_split: list[tuple[int, str]] = []
+    bad_ids: list[tuple[int, str, str]] = []
     ids: dict[str, list[int]] = defaultdict(list)
 
     for row, values in rows:
@@ -232,12 +273,15 @@ def load_manifest(
         if not raw_path:
             no_path.append(row)
             continue
-        p = Path(raw_path).expanduser()
+        p = Path(os.path.expanduser(raw_path))
         slide_path = Path(os.path.normpath(p if p.is_absolute() else base / p))
         if check_files and not slide_path.exists():
             missing.append((row, raw_path, slide_path))
         slide_id = values.get("slide_id", "") or _default_slide_id(slide_path)
         ids[slide_id].append(row)
+        why = unsafe_slide_id(slide_id)
+        if why is not None:
+            bad_ids.append((row, slide_id, why))
 
         label = values.get("label", "") or None
         if label is None and require_labels:
@@ -271,7 +315,8 @@ def load_manifest(
         problems.append(f"empty path in {_rows(no_path)}: give each slide's file path.")
     if missing:
         listing = "\n".join(
-            f"    row {r}: {p}" + (f"  (written as {raw!r})" if raw != str(p) else "") for r, raw, p in missing
+            f"    row {r}: {p}" + (f"  (written as {raw!r})" if raw != str(p) else "") + _windows_hint(raw)
+            for r, raw, p in missing
         )
         problems.append(
             f"{len(missing)} of {len(rows)} slide files not found:\n{listing}\n"
@@ -295,6 +340,13 @@ def load_manifest(
             f"duplicate slide_id: {listing}. Each slide needs a unique slide_id (it defaults to the file "
             f"name without extension, so give explicit ids to files with the same name)."
         )
+    if bad_ids:
+        listing = "; ".join(f"row {r}: {sid!r} {why}" for r, sid, why in bad_ids[:20])
+        more = f" (and {len(bad_ids) - 20} more)" if len(bad_ids) > 20 else ""
+        problems.append(
+            f"slide_id that cannot name an output folder: {listing}{more}. Use plain names (letters, digits, "
+            "spaces, - _ . but no / or \\, not starting with a dot); it defaults to the file name."
+        )
     if bad_mpp:
         listing = "; ".join(f"row {r}: {v!r}" for r, v in bad_mpp)
         problems.append(f"mpp must be a positive number of µm per pixel (or empty): {listing}.")
@@ -317,7 +369,7 @@ def save_manifest(manifest: Manifest, path: str | Path) -> Path:
 
     The class order is not stored: pass ``classes`` to :func:`load_manifest` to restore a non-sorted order.
     """
-    target = Path(os.path.abspath(Path(path).expanduser()))
+    target = Path(os.path.abspath(Path(os.path.expanduser(path))))
     base = target.parent
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
@@ -334,12 +386,13 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _expand_folder(folder: Path) -> list[Path]:
-    """Slide files under ``folder`` (recursively, sorted): one DICOM file per folder, no .vms tile images."""
+def _expand_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """Slide files under ``folder`` (recursively, sorted): one DICOM file per folder, no .vms tile images, nothing
+    under ``exclude`` (an output folder placed inside the input folder: its PNGs are not slides)."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and here / d != exclude)
         names = sorted(n for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in SLIDE_SUFFIXES)
         suffixes = {Path(n).suffix.lower() for n in names}
         dicom_taken = False
@@ -355,19 +408,21 @@ def _expand_folder(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def manifest_from_paths(paths: Sequence[str | Path]) -> Manifest:
-    """An unlabelled manifest over slide files and folders (expanded to their slide files, sorted)."""
+def manifest_from_paths(paths: Sequence[str | Path], exclude: str | Path | None = None) -> Manifest:
+    """An unlabelled manifest over slide files and folders (expanded to their slide files, sorted), leaving out
+    the folder ``exclude`` (the output folder, when it lies inside an input folder)."""
+    skip = Path(os.path.abspath(Path(os.path.expanduser(exclude)))) if exclude is not None else None
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
     missing: list[str] = []
     empty: list[str] = []
     for given in paths:
-        p = Path(os.path.abspath(Path(given).expanduser()))
+        p = Path(os.path.abspath(Path(os.path.expanduser(given))))
         if not p.exists():
             missing.append(str(p))
         elif p.is_dir():
-            inside = _expand_folder(p)
+            inside = _expand_folder(p, skip)
             if not inside:
                 empty.append(str(p))
             files.extend(inside)
@@ -386,7 +441,15 @@ def manifest_from_paths(paths: Sequence[str | Path]) -> Manifest:
             "slide files or folders that contain them."
         )
     unique = list(dict.fromkeys(files))
-    records = tuple(SlideRecord(sid, f) for sid, f in zip(_unique_ids(unique), unique, strict=True))
+    ids = _unique_ids(unique)
+    bad = [(f, sid, why) for f, sid in zip(unique, ids, strict=True) if (why := unsafe_slide_id(sid)) is not None]
+    if bad:
+        listing = "; ".join(f"{f} ({sid!r} {why})" for f, sid, why in bad[:20])
+        raise ManifestError(
+            f"slide file names that cannot name an output folder: {listing}. Rename the files, or list them in a "
+            "manifest CSV with a slide_id column of plain names."
+        )
+    records = tuple(SlideRecord(sid, f) for sid, f in zip(ids, unique, strict=True))
     return Manifest(records, (), None)
 
 

@@ -21,10 +21,12 @@ from torch import Tensor, nn
 GridShapes = tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SlideBatch:
     """Slides whose grids have the same shapes (batches are bucketed by shape), built by
-    :func:`loupe.data.loading.collate_slides`."""
+    :func:`loupe.data.loading.collate_slides`. Treat it as immutable (derive batches with :meth:`to`,
+    :meth:`select`); it is not frozen because Lightning's true-precision plugins (64-true, 16-true, bf16-true) copy
+    batches field by field, which a frozen dataclass refuses."""
 
     thumbnails: Tensor  # (B, 3, h, w) uint8
     valid: Tensor  # (B, N) bool: cells that may be attended (tissue, inside the image)

@@ -143,11 +143,12 @@ class JointAttentionSampler(SlideClassifier):
         """Features (B, n, D) of cells at magnifications (B, n) through their magnification's map (if any)."""
         if self.magnification_maps is None:
             return features
+        # Every map runs on every feature and the rows of its magnification are kept: each map is part of every
+        # step's graph (DDP needs each parameter used in every step, or a costly unused-parameter search), at the
+        # price of M small matrix products on a handful of features.
         out = torch.zeros_like(features)
         for j, linear in enumerate(self.magnification_maps):
-            member = magnification == j
-            if member.any():
-                out[member] = linear(features[member])
+            out = torch.where((magnification == j).unsqueeze(-1), linear(features), out)
         return out
 
     def begin_epoch(self, epoch: int) -> None:
@@ -163,7 +164,7 @@ class JointAttentionSampler(SlideClassifier):
         """Training (``inference`` None: one draw of k cells, or every cell with the exhaustive estimator) or
         inference as ``inference`` says; with ``labels``, the loss CE + α·Σ P log P per slide."""
         device = batch.thumbnails.device
-        thumbs = batch.thumbnails.to(torch.float32) / 255.0
+        thumbs = batch.thumbnails.to(_float_dtype(self.thumbnail_net)) / 255.0
         if inference is None:
             mode, samples, k = (
                 ("exhaustive" if self.estimator == "exhaustive" else "sample"),
@@ -303,6 +304,12 @@ def novelty_loss(p_drawn: Tensor, features: Tensor, groups: Tensor) -> Tensor:
     return -(target * log_p).sum(1)
 
 
+def _float_dtype(net: nn.Module) -> torch.dtype:
+    """The dtype of ``net``'s first floating parameter (float32 without one): what its inputs are cast to."""
+    param = next((p for p in net.parameters() if p.is_floating_point()), None)
+    return torch.float32 if param is None else param.dtype
+
+
 def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -311,13 +318,10 @@ def embed_patches(
     net: nn.Module, patches: Tensor, chunk: int, channels_last: bool = False, frozen: bool = False
 ) -> Tensor:
     """``net`` on patches (B, n, 3, p, p) → (B, n, D), ``chunk`` patches per forward so that memory stays bounded.
-    A ``frozen`` net runs without autograd, on inputs in its own dtype (it may be held in half precision)."""
+    Inputs are cast to the net's own dtype (a frozen net may be held in half precision, a float64 run is all
+    float64; under autocast the weights stay float32); a ``frozen`` net runs without autograd."""
     b, n = patches.shape[:2]
-    flat = patches.flatten(0, 1).contiguous(memory_format=_memory_format(channels_last))
-    if frozen:
-        param = next(net.parameters(), None)
-        if param is not None and param.is_floating_point():
-            flat = flat.to(param.dtype)
+    flat = patches.flatten(0, 1).contiguous(memory_format=_memory_format(channels_last)).to(_float_dtype(net))
     with torch.no_grad() if frozen else nullcontext():
         return torch.cat([net(c) for c in flat.split(chunk)]).view(b, n, -1)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Callable, Mapping
@@ -23,6 +24,8 @@ import numpy as np
 
 from loupe.atomic import atomic_write
 
+log = logging.getLogger("loupe")
+
 #: Bump when the content of an entry kind changes meaning, so old entries are ignored.
 CACHE_VERSION = 1
 
@@ -32,14 +35,14 @@ ENV_VAR = "LOUPE_CACHE_DIR"
 def default_cache_dir() -> Path:
     """``$LOUPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/loupe``, else ``~/.cache/loupe``."""
     if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
+        return Path(os.path.expanduser(os.environ[ENV_VAR]))
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "loupe"
+    return Path(os.path.expanduser(base)) / "loupe"
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:
     """What identifies a slide's content cheaply: resolved path, size and mtime (of every file, for a folder)."""
-    p = Path(path).expanduser().resolve()
+    p = Path(os.path.expanduser(path)).resolve()
     if p.is_dir():  # DICOM: a folder of files
         files = sorted(f for f in p.iterdir() if f.is_file())
         stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -59,8 +62,9 @@ class SlideCache:
     """Keyed ``.npz`` entries under one folder; ``enabled=False`` computes every time and stores nothing."""
 
     def __init__(self, root: str | Path | None = None, enabled: bool = True) -> None:
-        self.root = Path(root).expanduser() if root else default_cache_dir()
+        self.root = Path(os.path.expanduser(root)) if root else default_cache_dir()
         self.enabled = enabled
+        self._warned = False
 
     def _entry(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.npz"
@@ -94,8 +98,14 @@ class SlideCache:
         named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
         try:
             atomic_write(entry, lambda handle: np.savez(handle, **named))
-        except OSError:
-            return
+        except OSError as err:
+            if not self._warned:  # once per cache: a run over thousands of slides warns once, not per slide
+                self._warned = True
+                log.warning(
+                    "cannot write the slide cache in %s (%s): continuing without it (set data.cache_dir, or "
+                    "$LOUPE_CACHE_DIR, to a writable folder to cache thumbnails and masks)",
+                    self.root, err.strerror or err,
+                )  # fmt: skip
 
     def get(
         self,

@@ -14,6 +14,9 @@ from loupe.slides.magnification import Magnification, parse_magnification
 
 # Relative slack for float noise such as 2048 * 0.42 / 0.42 when taking ceil / comparing to the patch size.
 _EPS = 1e-6
+#: The most cells one magnification's grid may have (2^26: a 260,000 px square slide in 32 px cells); more means a
+#: wrong size or µm/px, and the attention maps and masks of such a grid would not fit in memory.
+MAX_CELLS = 2**26
 
 
 def _ceil(value: float) -> int:
@@ -127,6 +130,8 @@ def build_grid(
     if len(magnifications) == 0:
         raise ValueError("at least one magnification is needed")
     w, h = int(dimensions[0]), int(dimensions[1])
+    if w < 1 or h < 1:
+        raise SlideError(f"slide {slide} has a size of {w}x{h} px: the file is damaged or not a slide")
     grids = []
     for spec in magnifications:
         mag = spec if isinstance(spec, Magnification) else parse_magnification(spec)
@@ -138,12 +143,19 @@ def build_grid(
                 f"{w}x{h}), smaller than one {patch_size}x{patch_size} patch: use a higher magnification or "
                 "a smaller patch_size"
             )
+        rows, cols = _ceil(hj / patch_size), _ceil(wj / patch_size)
+        if rows * cols > MAX_CELLS:
+            raise SlideError(
+                f"slide {slide}: {rows}x{cols} cells of {patch_size} px at magnification {mag.label}, more than "
+                f"{MAX_CELLS}; its size ({w}x{h} px) or resolution ({slide_mpp} µm/px) is wrong, or the "
+                "magnification too high for it: check the file's µm/px (the manifest's mpp column, --slide-mpp)"
+            )
         grids.append(
             MagnificationGrid(
                 magnification=mag,
                 downsample=ds,
-                rows=_ceil(hj / patch_size),
-                cols=_ceil(wj / patch_size),
+                rows=rows,
+                cols=cols,
                 patch_size=int(patch_size),
             )
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import openslide
@@ -30,15 +32,61 @@ def choose_backend(path: Path) -> str:
     return "openslide"
 
 
+#: The largest level-0 side accepted (pixels): the largest whole-slide scans are ~250,000 px; a header claiming
+#: more is damaged or crafted, and believing it would make loupe allocate grids and masks of absurd size.
+MAX_SIDE = 2**21
+#: The largest level-0 area accepted (pixels): ~275 gigapixels, 60 times the largest scans in use.
+MAX_PIXELS = 2**38
+#: The plausible range of a slide's µm/px: from super-resolution microscopy to a photograph of a whole glass slide.
+MPP_RANGE = (1e-3, 1e4)
+
+
+def check_header(reader: SlideReader) -> None:
+    """Refuse, with a message naming the file, a header that cannot describe a real slide: non-positive or absurd
+    dimensions, a µm/px that is zero, negative, NaN or out of any plausible range. Nothing is allocated first."""
+    where = f"slide {reader.path}"
+    dims = reader.level_dimensions
+    if not dims:
+        raise SlideError(f"{where} has no image levels: the file is damaged or not a slide")
+    for level, (w, h) in enumerate(dims):
+        if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+            raise SlideError(
+                f"{where}: its header gives level {level} a size of {w}x{h} px, which no slide has (accepted: "
+                f"1 to {MAX_SIDE} px a side); the file is damaged or not a slide: re-export it"
+            )
+    w0, h0 = dims[0]
+    if w0 * h0 > MAX_PIXELS:
+        raise SlideError(
+            f"{where}: its header gives {w0}x{h0} px ({w0 * h0:.3g} pixels, more than {MAX_PIXELS:.3g}); the file is "
+            "damaged or not a slide: re-export it"
+        )
+    mpp = reader.mpp
+    if mpp is not None and not (math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+        raise SlideError(
+            f"{where}: a resolution of {mpp!r} µm/px is not plausible (expected {MPP_RANGE[0]:g} to "
+            f"{MPP_RANGE[1]:g}): correct the mpp column of the manifest, or pass --slide-mpp for a file without one"
+        )
+
+
 def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None) -> SlideReader:
     """Open a slide for reading. ``mpp`` overrides (or supplies) the level-0 µm/px.
 
     'auto' picks OpenSlide or the image reader (see ``choose_backend``); 'tiffslide' must be asked for and needs
-    the optional extra ``loupe[tiffslide]``.
+    the optional extra ``loupe[tiffslide]``. A header no real slide has is refused (:func:`check_header`).
     """
+    reader = _open(path, backend, mpp)
+    try:
+        check_header(reader)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def _open(path: str | Path, backend: str, mpp: float | None) -> SlideReader:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown slide backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    p = Path(path).expanduser()
+    p = Path(os.path.expanduser(path))
     if not p.exists():
         raise SlideError(f"slide not found: {p} (check the path, or the path column of the manifest)")
     if p.is_dir():

@@ -4,18 +4,26 @@ The model owns its objective (``SlideOutput.loss``: cross-entropy plus its own t
 before training, per-epoch freezing); this module owns the loop: automatic optimisation, or, for models that
 accumulate slides (StreamingCLAM), each slide forwarded and back-propagated alone with one optimiser step per
 batch. Adam; LR ×``lr_factor`` after ``lr_patience`` epochs without validation accuracy gain.
+
+Under DDP every rank trains on its shard; validation figures are computed over the whole validation set gathered
+from every rank (an accuracy or AUC averaged over ranks is not the set's), so the LR schedule and the best checkpoint
+follow the same figure on every rank.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from loupe.config import TrainConfig
+from loupe.data.catalog import SlideFailures, run_dropping_failed
 from loupe.models.interface import (
     InferenceSettings,
     PixelSource,
@@ -25,6 +33,7 @@ from loupe.models.interface import (
     magnification_totals,
 )
 from loupe.models.runtime import Runtime
+from loupe.training.distributed import average_gradients, gather_rows
 
 
 class SlideClassifierModule(L.LightningModule):
@@ -39,8 +48,11 @@ class SlideClassifierModule(L.LightningModule):
         magnification_labels: list[str],
         validation: InferenceSettings | None = None,
         schedule: bool = True,
+        failures: SlideFailures | None = None,
     ) -> None:
         super().__init__()
+        self.failures = failures
+        """Where slides failing to read are counted (then dropped from their batches); None: a failure raises."""
         self.model = model
         self.train_cfg = train_cfg
         self.pixels = pixels
@@ -51,6 +63,12 @@ class SlideClassifierModule(L.LightningModule):
         self.runtime = Runtime(torch.device("cpu"), str(train_cfg.precision), train_cfg.channels_last)
         """Precision and memory format of the run (the device is the module's, read at each step)."""
         self.automatic_optimization = not model.accumulates_slides
+        self._val_rows: list[Tensor] = []
+
+    def setup(self, stage: str) -> None:
+        """The run's memory format before Lightning wraps the model for DDP, whose gradient buckets take the
+        parameters' strides (converted later, every channels-last gradient would be copied into its bucket)."""
+        self.runtime.prepare(self.model, move=False)
 
     def run(self, batch: SlideBatch, inference: InferenceSettings | None, labels: Tensor | None) -> SlideOutput:
         """The model on one batch, in the run's memory format and autocast (the one place both are applied)."""
@@ -82,43 +100,111 @@ class SlideClassifierModule(L.LightningModule):
 
     def training_step(self, batch: SlideBatch, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
-            out = self.run(batch, None, batch.labels)
-            return self._log_step("train", out, batch.labels, on_step=False)
+            ran = run_dropping_failed(batch, lambda b: self.run(b, None, b.labels), self.failures, self._when())
+            if ran is None:  # no readable slide left: a zero loss, so that DDP's ranks still step together
+                zero = torch.zeros((), device=self.device)
+                return sum((p.sum() * 0 for p in self.parameters() if p.requires_grad), zero)
+            batch, out = ran
+            return self._log_step("train", out, batch.labels, on_step=False, sync_dist=True)
         opt = self.optimizers()
         assert not isinstance(opt, list)
         opt.zero_grad()
         n = len(batch)
         outs = []
-        for b in range(n):  # one slide at a time: only one slide's activations live at once
-            out = self.run(batch.select([b]), None, batch.labels[b : b + 1])
-            assert out.loss is not None
-            self.manual_backward(out.loss.sum() / n)
-            outs.append(SlideOutput(out.logits.detach(), out.attention.detach(), out.cells, out.loss.detach()))
+        # Under DDP no backward synchronises (a streamed backward accumulates each parameter's gradient once per
+        # tile, which DDP's reducer refuses): the ranks average their gradients once, before the step.
+        with getattr(self.trainer.strategy, "block_backward_sync", nullcontext)():
+            for b in range(n):  # one slide at a time: only one slide's activations live at once
+                one = batch.select([b])
+                ran = run_dropping_failed(one, lambda s: self.run(s, None, s.labels), self.failures, self._when())
+                if ran is None:  # unreadable: skipped (its gradient is no rank's; the averaging allows for that)
+                    continue
+                out = ran[1]
+                assert out.loss is not None
+                self.manual_backward(out.loss.sum() / n)
+                outs.append(SlideOutput(out.logits.detach(), out.attention.detach(), out.cells, out.loss.detach()))
+        average_gradients(self.parameters())
         opt.step()
+        if not outs:
+            return None
+        kept = [b for b in range(n) if int(batch.indices[b]) not in (self.failures or ())]
+        batch = batch.select(kept)
         merged = SlideOutput(
             torch.cat([o.logits for o in outs]),
             torch.cat([o.attention for o in outs]),
             torch.cat([o.cells for o in outs]),
             torch.cat([o.loss for o in outs if o.loss is not None]),
         )
-        self._log_step("train", merged, batch.labels, on_step=False)
+        self._log_step("train", merged, batch.labels, on_step=False, sync_dist=True)
         return None
 
+    def _when(self) -> str:
+        return f"epoch {self.current_epoch}, training"
+
     # --- validation ---------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+
     def validation_step(self, batch: SlideBatch, batch_idx: int) -> None:
-        out = self.run(batch, self.validation, batch.labels)
-        self._log_step("val", out, batch.labels, prog_bar=True)
-        totals = magnification_totals(out.attention.float(), batch.shapes).mean(0)
-        for j, share in enumerate(totals):
-            self.log(f"val_attention_{self.magnification_labels[j]}", share, on_epoch=True, batch_size=len(batch))
+        """Keep each slide's row (index, label, loss, logits, attention per magnification); the metrics are
+        computed once per epoch over the whole validation set, gathered from every rank. A slide that fails to
+        read is skipped (and counted), as in training."""
+        when = f"epoch {self.current_epoch}, validation"
+        ran = run_dropping_failed(batch, lambda b: self.run(b, self.validation, b.labels), self.failures, when)
+        if ran is None:
+            return
+        batch, out = ran
+        assert out.loss is not None
+        totals = magnification_totals(out.attention.float(), batch.shapes)
+        rows = torch.cat(
+            [
+                batch.indices.to(self.device, torch.float64)[:, None],
+                batch.labels.to(self.device, torch.float64)[:, None],
+                out.loss.detach().to(torch.float64).reshape(-1, 1),
+                out.logits.detach().to(torch.float64),
+                totals.detach().to(torch.float64),
+            ],
+            dim=1,
+        )
+        self._val_rows.append(rows)
+
+    def validation_metrics(self) -> dict[str, float]:
+        """Loss, cross-entropy, accuracy, AUC (one-vs-rest, macro: defined when every class is present) and
+        attention share per magnification, over every validation slide once (padding repeats dropped)."""
+        if not self._val_rows:  # no validation batches (every rank gets as many batches: all have none)
+            return {}
+        rows = gather_rows(torch.cat(self._val_rows)).cpu()
+        _, first = np.unique(rows[:, 0].numpy(), return_index=True)
+        rows = rows[np.sort(first)]
+        n_classes = rows.shape[1] - 3 - len(self.magnification_labels)
+        labels, losses = rows[:, 1].long(), rows[:, 2]
+        logits, totals = rows[:, 3 : 3 + n_classes], rows[:, 3 + n_classes :]
+        metrics = {
+            "val_loss": float(losses.mean()),
+            "val_ce": float(torch.nn.functional.cross_entropy(logits, labels)),
+            "val_acc": float((logits.argmax(-1) == labels).double().mean()),
+        }
+        if len(torch.unique(labels)) == n_classes:
+            probs = torch.softmax(logits, -1).numpy()
+            if n_classes == 2:
+                metrics["val_auc"] = float(roc_auc_score(labels.numpy(), probs[:, 1]))
+            else:
+                metrics["val_auc"] = float(roc_auc_score(labels.numpy(), probs, multi_class="ovr", average="macro"))
+        for j, name in enumerate(self.magnification_labels):
+            metrics[f"val_attention_{name}"] = float(totals[:, j].mean())
+        return metrics
 
     def on_validation_epoch_end(self) -> None:
+        metrics = self.validation_metrics()
+        # Every rank holds the same figures: the mean over ranks that sync_dist takes is the figure itself.
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == "val_acc", sync_dist=True)
+        self._val_rows = []
         if self.automatic_optimization or not self.schedule or self.trainer.sanity_checking:
             return
         sched = self.lr_schedulers()
-        acc = self.trainer.callback_metrics.get("val_acc")
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and acc is not None:
-            sched.step(float(acc))
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and "val_acc" in metrics:
+            sched.step(metrics["val_acc"])
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         opt = torch.optim.Adam(self.parameters(), lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay)

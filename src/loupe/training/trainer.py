@@ -23,16 +23,27 @@ def build_trainer(
     progress_bar: bool | None = None,
     max_steps: int = -1,
 ) -> L.Trainer:
-    """A Trainer for ``cfg``: the device ``train.accelerator`` resolves to here (one device), the run's
-    precision, ``epochs`` (default ``train.epochs``). Batches come from loupe's own shape-bucketed sampler, so
-    Lightning's distributed sampler is off; no sanity validation, no model summary."""
+    """A Trainer for ``cfg``: the accelerator ``train.accelerator`` resolves to here, ``train.devices`` of it on
+    each of ``train.num_nodes`` nodes (DDP when more than one in all), the run's precision, ``epochs`` (default
+    ``train.epochs``). Batches come from loupe's own shape-bucketed sampler, which shards itself across ranks, so
+    Lightning's distributed sampler is off; no sanity validation, no model summary.
+
+    With several GPUs, BatchNorm layers are synchronised across ranks (statistics of the whole batch, as one
+    process would compute them); PyTorch's SyncBatchNorm does not run on CPU, where each rank normalises over its
+    own share of the batch."""
     device = resolve_device(cfg.accelerator)
     bar = cfg.progress_bar if progress_bar is None else progress_bar
+    accelerator = "gpu" if device.type == "cuda" else ("mps" if cfg.accelerator == "mps" else "cpu")
+    distributed = cfg.devices * cfg.num_nodes > 1
+    strategy = "ddp" if cfg.strategy == "auto" and distributed else cfg.strategy
     return L.Trainer(
         max_epochs=cfg.epochs if epochs is None else epochs,
         max_steps=max_steps,
-        accelerator="gpu" if device.type == "cuda" else ("mps" if cfg.accelerator == "mps" else "cpu"),
-        devices=1,
+        accelerator=accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=strategy,
+        sync_batchnorm=distributed and accelerator == "gpu",
         precision=cfg.precision,  # type: ignore[arg-type]
         callbacks=list(callbacks),
         logger=logger,

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from loupe.config import Config, load_config
 from loupe.data.catalog import SlideCatalog
@@ -19,6 +18,7 @@ from loupe.models.runtime import Runtime
 from loupe.slides import Magnification, parse_magnifications
 from loupe.slides.cache import SlideCache
 from loupe.slides.tissue import TissueSettings
+from loupe.training.checkpoint_io import load_weights_only
 from loupe.workflows.inference import runtime_of
 
 
@@ -91,7 +91,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Sli
     """The config and trained model of a run folder (weights loaded with ``weights_only=True``), in eval mode on
     the run's inference device and memory format."""
     cfg, ckpt = run_checkpoint(run_dir, checkpoint)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_weights_only(ckpt)  # a file holding pickled objects is refused with a message
     prefix = "model."
     trained_without_maps = not any(k.startswith(prefix + "magnification_maps.") for k in state["state_dict"])
     if cfg.model.architecture == "joint" and cfg.joint.magnification_aware and trained_without_maps:

@@ -45,7 +45,7 @@ from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import PreparedSlide, PreparedSlides, collate_slides, prepared_loader
 from loupe.data.manifest import SlideRecord, load_manifest, manifest_from_paths
 from loupe.data.pixels import SlidePixels
-from loupe.errors import ConfigError, ManifestError, describe_error
+from loupe.errors import ConfigError, ManifestError, describe_error, is_write_refusal, output_error
 from loupe.models import InferenceSettings, SlideClassifier, resolve_inference
 from loupe.models.runtime import GPU_ACCELERATORS, Runtime
 from loupe.slides.cache import file_identity
@@ -79,8 +79,9 @@ class PredictionRun:
         return self.status.counts()
 
 
-def collect_records(slides: Sequence[str | Path]) -> list[SlideRecord]:
-    """Slides from files, folders (searched recursively) and manifest CSVs (labels optional), in order."""
+def collect_records(slides: Sequence[str | Path], out: str | Path | None = None) -> list[SlideRecord]:
+    """Slides from files, folders (searched recursively, leaving out the output folder ``out``) and manifest CSVs
+    (labels optional), in order."""
     records: list[SlideRecord] = []
     paths: list[str | Path] = []
     for item in slides:
@@ -89,7 +90,7 @@ def collect_records(slides: Sequence[str | Path]) -> list[SlideRecord]:
         else:
             paths.append(item)
     if paths:
-        records += manifest_from_paths(paths).records
+        records += manifest_from_paths(paths, exclude=out).records
     counts = Counter(r.slide_id for r in records)
     repeated = sorted(i for i, n in counts.items() if n > 1)
     if repeated:
@@ -180,7 +181,7 @@ def _job(
     if tissue is not None:
         data = dataclasses.replace(data, tissue=tissue)
     cfg = dataclasses.replace(cfg, data=data)
-    records = collect_records(slides)
+    records = collect_records(slides, out)
     settings = resolve_inference(cfg, inference, samples, k)
     return _Job(Path(run), cfg, records, settings, _settings_record(cfg, settings, ckpt), Path(out), since)
 
@@ -410,6 +411,11 @@ class _Writes:
             block = False
             try:
                 future.result()
+            except OSError as err:
+                if is_write_refusal(err):  # full disk, read-only: stop; the slide stays to do for a re-run
+                    raise output_error(err, self.slides_dir, _slide_folder_bytes(self.slides_dir)) from err
+                self.recorder.fail(i, describe_error(err), n)
+                continue
             except Exception as err:
                 self.recorder.fail(i, describe_error(err), n)
                 continue
@@ -420,6 +426,21 @@ class _Writes:
         while self.pending:
             self.settle(block=True)
         self.pool.shutdown(wait=True)
+
+
+def _slide_folder_bytes(slides_dir: Path, sample: int = 20) -> int | None:
+    """The size of a finished slide folder (the largest of the first ``sample``): what one more slide needs."""
+    sizes = []
+    try:
+        for folder in slides_dir.iterdir():
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            sizes.append(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
+            if len(sizes) >= sample:
+                break
+    except OSError:
+        return None
+    return max(sizes) if sizes else None
 
 
 def _run_model(

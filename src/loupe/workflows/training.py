@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -13,12 +14,15 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from loupe.config import Config, dump_config
+from loupe.data.catalog import SKIPPED_SLIDES_FILE, SlideFailures
 from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import Manifest, load_manifest, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
 from loupe.errors import ConfigError
 from loupe.models import build_model
 from loupe.reports.io import write_json, write_text
+from loupe.training.checkpoint_io import SafeCheckpointIO, record_resume, resume_from
+from loupe.training.distributed import is_first_process
 from loupe.training.module import SlideClassifierModule
 from loupe.training.trainer import build_trainer
 from loupe.workflows.common import RunPaths, magnifications_of, make_catalog
@@ -52,28 +56,44 @@ def fold_splits(manifest: Manifest, folds: int, fold: int, val_fraction: float, 
     return assign_splits(manifest.with_records(records), val_fraction, test_fraction, seed)
 
 
-def train(cfg: Config, *, out: str | Path) -> Path:
+def train(cfg: Config, *, out: str | Path, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Train into run folder ``out``; resumes from ``out/checkpoints/last.ckpt`` when it exists.
 
     The folder receives the resolved config (with the class order and the split manifest pinned, so evaluate
     and predict see exactly what training saw), checkpoints (best by validation CE, and last) and a CSV log.
+
+    With ``train.devices`` × ``train.num_nodes`` > 1 this runs in every process of a DDP run (Lightning starts
+    the others on one node; torchrun or SLURM start them all across nodes): each checks the inputs and trains
+    on its shard; the first process alone writes the folder's files, Lightning's rank 0 the checkpoints and logs.
+    ``callbacks`` are added to the Trainer's own (Lightning callbacks: extra logging, early stopping...).
     """
     paths = RunPaths(Path(out))
     manifest = prepare_manifest(cfg)
     records = list(manifest.records)
     catalog = make_catalog(records, cfg)
-    catalog.require_all()  # every slide opens, has µm/px, is large enough: before any training
+    # Every slide opens, has µm/px, is large enough, gives a thumbnail: before any training. Those that do not
+    # (and those failing later, in a step) are skipped, unless more than data.max_failed_fraction of them fail.
+    failures = SlideFailures(records, len(records), cfg.data.max_failed_fraction)
+    position = {r.slide_id: i for i, r in enumerate(records)}
+    for problem in catalog.check(thumbnails=True):
+        failures.add(position[problem.record.slide_id], problem.reason, "before training", check=False)
+    failures.check()
 
     paths.root.mkdir(parents=True, exist_ok=True)
-    save_manifest(manifest, paths.manifest)
     data = dataclasses.replace(cfg.data, manifest=str(paths.manifest.resolve()), classes=list(manifest.classes))
     cfg = dataclasses.replace(cfg, data=data)
-    write_text(paths.config, dump_config(cfg))
+    if not is_first_process():  # of a DDP run: every rank runs this function, the first writes and reports
+        log.setLevel(logging.WARNING)
+    else:
+        save_manifest(manifest, paths.manifest)
+        write_text(paths.config, dump_config(cfg))
+        failures.record = paths.root / SKIPPED_SLIDES_FILE  # the run's list of skipped slides (empty: none)
+        failures.save()
 
     labels = manifest.label_indices().tolist()
     split_of = [r.split for r in records]
-    train_idx = [i for i, s in enumerate(split_of) if s == "train"]
-    val_idx = [i for i, s in enumerate(split_of) if s == "val"]
+    train_idx = failures.keep([i for i, s in enumerate(split_of) if s == "train"])
+    val_idx = failures.keep([i for i, s in enumerate(split_of) if s == "val"])
     if not train_idx or not val_idx:
         raise ConfigError(f"{cfg.data.manifest}: need slides in both the train and val splits")
 
@@ -88,32 +108,38 @@ def train(cfg: Config, *, out: str | Path) -> Path:
     model = build_model(cfg, len(manifest.classes))
     pixels = make_pixels(catalog, cfg, model)
     labels_of_mags = [m.label for m in magnifications_of(cfg)]
-    module = SlideClassifierModule(model, cfg.train, pixels, labels_of_mags)
+    module = SlideClassifierModule(model, cfg.train, pixels, labels_of_mags, failures=failures)
     checkpoint = ModelCheckpoint(
         dirpath=paths.checkpoints,
         filename="best",
         monitor="val_ce",
         mode="min",
-        save_last=True,
         enable_version_counter=False,
     )
+    # last.ckpt after every epoch. ModelCheckpoint(save_last=True) on a monitored checkpoint (Lightning 2.6) writes
+    # it only when the monitored value improves: a killed run would resume from the last improvement, not the last
+    # epoch. A checkpoint without a monitor writes every epoch; listed after "best", it holds best's state too.
+    last = ModelCheckpoint(dirpath=paths.checkpoints, filename="last", enable_version_counter=False)
     bar = [TQDMProgressBar(refresh_rate=10)] if cfg.train.progress_bar else []  # per-step redraws cost ~40%
     trainer = build_trainer(
         cfg.train,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"), *bar],
+        callbacks=[checkpoint, last, LearningRateMonitor(logging_interval="epoch"), *bar, *callbacks],
         logger=CSVLogger(paths.root, name="logs"),  # logs/version_N: a resumed run keeps earlier logs
     )
-    resume = paths.last if paths.last.is_file() else None
+    trainer.strategy.checkpoint_io = SafeCheckpointIO()  # atomic, durable writes; weights-only loads
+    resume = resume_from(paths.checkpoints, tidy=is_first_process())  # last.ckpt, else best.ckpt: the last whole one
     if resume is not None:
         log.warning("resuming from %s", resume)
+        if is_first_process():
+            record_resume(paths.root, resume)
     start = time.perf_counter()
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
     finally:
         pixels.close()
         catalog.close()
     log.info("trained in %.1f s", time.perf_counter() - start)
-    if pixels.embeddings is not None:  # how little of the slides a frozen encoder ever had to embed
+    if pixels.embeddings is not None and trainer.is_global_zero:  # how little of the slides a frozen encoder embedded
         cache = pixels.embeddings
         info = cache.coverage(train_idx + val_idx) | {"embedded_now": cache.embedded, "reused_now": cache.reused}
         write_json(paths.root / "embeddings.json", info)
