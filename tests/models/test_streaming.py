@@ -61,12 +61,20 @@ def _reference(trunk: nn.Module, image: torch.Tensor, weight: torch.Tensor, keep
     return out.detach(), grads
 
 
-def _streamed(stream: StreamingTrunk, image: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None):
+def _streamed(
+    stream: StreamingTrunk,
+    image: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor | None,
+    names: dict[int, str] | None = None,
+):
+    """Streamed forward/backward; gradients by parameter name (``names``: id → name, for a re-wrapped trunk)."""
     stream.trunk.zero_grad(set_to_none=True)
     out = stream(image, keep)
     assert out.requires_grad
     (out * weight).sum().backward()
-    grads = {n: p.grad.clone() for n, p in stream.trunk.named_parameters() if p.requires_grad}
+    names = names or {}
+    grads = {names.get(id(p), n): p.grad.clone() for n, p in stream.trunk.named_parameters() if p.requires_grad}
     stream.trunk.zero_grad(set_to_none=True)
     return out.detach(), grads
 
@@ -127,12 +135,14 @@ def test_streamed_outputs_and_gradients_equal_whole_image(arch, tiles, images):
         c, oh, ow = output_shape(trunk, height, width)
         weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
         ref = _reference(trunk, image, weight, None)
+        names = {id(p): n for n, p in trunk.named_parameters()}
         for i, tile in enumerate(tiles):
-            stream = StreamingTrunk(trunk, tile)
-            assert _has_interior_borders(stream, height, width, axis)
-            _assert_exact(ref, _streamed(stream, image, weight, None))
-            keep = _keep_mask(stream, height, width, seed=i)  # skipped background tiles
-            _assert_exact(_reference(trunk, image, weight, keep), _streamed(stream, image, weight, keep))
+            # The whole timm model (one module: no trimming) and its stem + blocks (trimmed after each).
+            for stream in (StreamingTrunk(trunk, tile), StreamingTrunk(resnet_sequential(trunk), tile)):
+                assert _has_interior_borders(stream, height, width, axis)
+                _assert_exact(ref, _streamed(stream, image, weight, None, names))
+                keep = _keep_mask(stream, height, width, seed=i)  # skipped background tiles
+                _assert_exact(_reference(trunk, image, weight, keep), _streamed(stream, image, weight, keep, names))
 
 
 def _shallow(seed: int = 0) -> nn.Sequential:
@@ -195,7 +205,7 @@ def test_too_little_context_breaks_equality():
     c, oh, ow = output_shape(trunk, 200, 232)
     weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
     ref = _reference(trunk, image, weight, None)
-    stream = StreamingTrunk(trunk, 40)
+    stream = StreamingTrunk(trunk, 40, trim_context=False)  # trimming would re-align a misaligned crop
     g = stream.geometry
     for broken in (
         dataclasses.replace(g, h=dataclasses.replace(g.h, before=g.h.before - 8, after=g.h.after - 8)),
@@ -205,6 +215,14 @@ def test_too_little_context_breaks_equality():
         out, grads = _streamed(stream, image, weight, None)
         worst = max(_rel(grads[n], ref[1][n]) for n in grads)
         assert max(_rel(out, ref[0]), worst) > 1e-6
+    # Trimming one position too much after a child (here the stem) breaks it too.
+    stream = StreamingTrunk(trunk, 40)
+    assert stream.trims
+    (stride_h, g_h), w_axis = stream.trims[0]
+    stream.trims[0] = ((stride_h, dataclasses.replace(g_h, before=g_h.before - 1, after=g_h.after - 1)), w_axis)
+    out, grads = _streamed(stream, image, weight, None)
+    worst = max(_rel(grads[n], ref[1][n]) for n in grads)
+    assert max(_rel(out, ref[0]), worst) > 1e-6
 
 
 def test_uint8_image_with_preprocess_equals_float_input():
@@ -272,3 +290,48 @@ def test_frozen_trunk_gives_features_without_graph_and_all_skipped_is_zero():
     keep = torch.zeros(1, 1, *out.shape[-2:], dtype=torch.bool)
     skipped = stream(image, keep)
     assert skipped.shape == out.shape and not skipped.any()
+
+
+@pytest.mark.parametrize("trim", [False, True])
+@pytest.mark.parametrize(("fold", "segments"), [(False, False), (False, True), (True, False), (True, True)])
+def test_with_and_without_batchnorm_folding_checkpointing_and_trimming(fold, segments, trim):
+    """Every combination of the per-tile options is exact."""
+    trunk = _shallow()
+    image = torch.randn(1, 3, 200, 232, dtype=torch.float64)
+    c, oh, ow = output_shape(trunk, 200, 232)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    stream = StreamingTrunk(trunk, 40, checkpoint_segments=segments, fold_normalisation=fold, trim_context=trim)
+    assert bool(stream.trims) == trim
+    assert _has_interior_borders(stream, 200, 232)
+    _assert_exact(_reference(trunk, image, weight, None), _streamed(stream, image, weight, None))
+    keep = _keep_mask(stream, 200, 232, seed=5)
+    _assert_exact(_reference(trunk, image, weight, keep), _streamed(stream, image, weight, keep))
+
+
+@pytest.mark.parametrize("skip_last", [False, True])
+def test_each_tile_runs_once_with_autograd_and_the_last_one_is_not_recomputed(monkeypatch, skip_last):
+    trunk = _shallow()
+    stream = StreamingTrunk(trunk, 40)
+    image = torch.randn(1, 3, 200, 232, dtype=torch.float64)
+    tiles = stream.tiles(200, 232)
+    _, oh, ow = stream.output_shape(200, 232)
+    keep = torch.ones(1, 1, oh, ow, dtype=torch.bool)
+    if skip_last:  # the last tile is background: the last *run* tile keeps its graph
+        keep[..., tiles[-1].out_h, tiles[-1].out_w] = False
+    calls: list[bool] = []
+    run_tile = stream.run_tile
+
+    def counting(image, tile, module=None):
+        calls.append(torch.is_grad_enabled())
+        return run_tile(image, tile, module)
+
+    monkeypatch.setattr(stream, "run_tile", counting)
+    out = stream(image, keep)
+    n = len(tiles) - int(skip_last)
+    assert calls == [False] * (n - 1) + [True]
+    out.sum().backward()
+    assert calls[n:] == [True] * (n - 1)  # backward recomputes every run tile but the kept one
+    with torch.no_grad():
+        calls.clear()
+        stream(image, keep)
+        assert calls == [False] * n

@@ -34,9 +34,17 @@ def _model(name: str = "tiny", tile: int = 64, local_pool: int = 1, **kw) -> Str
     return model.double().eval()
 
 
-@pytest.mark.parametrize(("name", "local_pool"), [("tiny", 1), ("tiny", 2), ("resnet18", 1)])
-def test_streamed_logits_and_gradients_equal_the_whole_image(name, local_pool):
-    model = _model(name, tile=64, local_pool=local_pool)
+@pytest.mark.parametrize(
+    ("name", "local_pool", "segments"),
+    [("tiny", 1, True), ("tiny", 2, True), ("resnet18", 1, True), ("resnet18", 1, False)],
+)
+def test_streamed_logits_and_gradients_equal_the_whole_image(name, local_pool, segments):
+    """Exact for a generic trunk and a ResNet (context trimmed per block; with per-block checkpointing, or without
+    it and with BatchNorm folded)."""
+    model = _model(name, tile=64, local_pool=local_pool, checkpoint_segments=segments, fold_normalisation=not segments)
+    assert bool(model.stream.trims) == (name == "resnet18") and model.stream.checkpoint_segments == (
+        segments and name == "resnet18"
+    )
     image = torch.randint(0, 256, (1, 3, 150, 170), dtype=torch.uint8)
     stride = 16 if name == "tiny" else 32
     h = -(-150 // (stride * local_pool))
@@ -93,6 +101,15 @@ def test_the_camelyon16_preset_builds_a_resnet34():
     assert model.stream.output_shape(4096, 4096) == (512, 128, 128)
     assert model.instance_classifiers is not None and len(model.instance_classifiers) == 2
     assert model.k == 16 and model.calibrate is True  # random weights here: calibrated before training
+
+
+@pytest.mark.parametrize(("segments", "fold"), [(True, False), (False, True)])
+def test_the_streaming_settings_reach_the_engine(segments: bool, fold: bool):
+    model_cfg = ModelConfig(architecture="streamingclam", magnifications=["0.5"], patch_backbone="resnet18")
+    cfg = StreamingCLAMConfig(tile_size=256, checkpoint_segments=segments, fold_normalisation=fold)
+    model = build_streamingclam(model_cfg, cfg, 2)
+    assert model.stream.checkpoint_segments is segments
+    assert model.stream.fold_normalisation is fold
 
 
 def test_the_grid_cell_is_derived_from_the_trunk_and_local_pool():

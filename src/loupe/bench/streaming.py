@@ -7,6 +7,15 @@ peak RSS (``VmHWM``, reset just before the step, so it is the peak *during* the 
 process already holds: torch's own libraries, the model, the image); on GPU it is the allocator peak
 (``torch.cuda.max_memory_allocated``). The gradient difference is measured in a separate process at a size where
 both steps run.
+
+The streamed step's options are recorded with the figures: tile size, per-block checkpointing (``--checkpoint``: less
+memory per tile, one more forward), BatchNorm folding (``--fold``). ``--tissue F`` streams every
+streamed step on a tissue image (the ordinary steps always compute the whole image): a centred disc covering a
+fraction F of the feature map, the rest background whose tiles are skipped, as for a slide's tissue box. Peak memory
+hardly depends on F (one tile at a time, plus the whole stitched map); the time does, so no time ratio is reported
+when F is below 1. Times are wall-clock and CPU time of the process (all its threads): on a machine shared with other
+jobs the CPU-time ratio is the steadier one. ``--model streamingclam`` measures StreamingCLAM itself (its bag and
+instance losses) instead of the bare trunk and a gated-attention head.
 """
 
 from __future__ import annotations
@@ -93,14 +102,44 @@ def _preprocess(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     return preprocess
 
 
-def _step(variant: str, trunk: nn.Module, head: nn.Module, image: Tensor, tile: int, dtype: torch.dtype) -> None:
-    """One training step (forward + backward); the feature map is referenced only by the graph, as in training."""
+def _stream(trunk: nn.Module, spec: dict) -> Any:
+    """The streaming engine over a ResNet trunk (stem + blocks, so context is trimmed per block) with ``spec``'s
+    options."""
     from loupe.models.streaming import StreamingTrunk, resnet_sequential
 
+    return StreamingTrunk(
+        resnet_sequential(trunk),
+        spec["tile"],
+        _preprocess(getattr(torch, spec["dtype"])),
+        checkpoint_segments=spec.get("checkpoint", False),
+        fold_normalisation=spec.get("fold", False),
+    )
+
+
+def tissue_mask(height: int, width: int, fraction: float) -> Tensor | None:
+    """(1, 1, height, width) bool: a centred disc (ellipse) covering ``fraction`` of the map; None when 1."""
+    if fraction >= 1:
+        return None
+    if fraction <= 0:
+        raise ConfigError("--tissue must be in (0, 1]")
+    y = (torch.arange(height, dtype=torch.float64) + 0.5) / height - 0.5
+    x = (torch.arange(width, dtype=torch.float64) + 0.5) / width - 0.5
+    r2 = fraction / torch.pi  # area of the disc x² + y² < r² in the unit square (when it fits)
+    return (y[:, None] ** 2 + x[None, :] ** 2 < r2)[None, None]
+
+
+def _step(variant: str, trunk: nn.Module, head: nn.Module, image: Tensor, spec: dict, stream: Any = None) -> None:
+    """One training step (forward + backward); the feature map is referenced only by the graph, as in training.
+
+    ``stream``: the streaming engine over ``trunk`` (built here when None; building it derives its geometry).
+    """
+    dtype = getattr(torch, spec["dtype"])
     target = torch.ones(1, dtype=dtype, device=next(head.parameters()).device)
     if variant == "streamed":
-        stream = StreamingTrunk(resnet_sequential(trunk), tile, _preprocess(dtype), checkpoint_segments=True)
-        loss = nn.functional.binary_cross_entropy_with_logits(head(stream(image)), target)
+        stream = _stream(trunk, spec) if stream is None else stream
+        _, h, w = stream.output_shape(int(image.shape[2]), int(image.shape[3]))
+        keep = tissue_mask(h, w, spec.get("tissue", 1.0))
+        loss = nn.functional.binary_cross_entropy_with_logits(head(stream(image, keep)), target)
     else:
         x = _preprocess(dtype)(image.to(target.device))
         features = cast(Callable[[Tensor], Tensor], trunk.forward_features)  # timm's trunk without its head
@@ -109,11 +148,45 @@ def _step(variant: str, trunk: nn.Module, head: nn.Module, image: Tensor, tile: 
     loss.backward()
 
 
+def _build_clam(spec: dict) -> Any:
+    """StreamingCLAM (random ResNet trunk, instance heads) with the streamed step's options, in training mode."""
+    from loupe.models.backbones import create_backbone
+    from loupe.models.streamingclam import StreamingCLAM
+
+    torch.manual_seed(spec["seed"])
+    model = StreamingCLAM(
+        create_backbone(spec["arch"], False),
+        2,
+        tile_size=spec["tile"],
+        instance_classifiers=True,
+        checkpoint_segments=spec.get("checkpoint", False),
+        fold_normalisation=spec.get("fold", False),
+    )
+    return model.to(device=spec["device"], dtype=getattr(torch, spec["dtype"])).train()
+
+
+def _clam_step(variant: str, model: Any, image: Tensor, spec: dict) -> None:
+    """One StreamingCLAM training step (bag and instance loss); streamed on the tissue mask, or whole-image."""
+    _, h, w = model.stream.output_shape(int(image.shape[2]), int(image.shape[3]))
+    keep = tissue_mask(h, w, spec.get("tissue", 1.0)) if variant == "streamed" else None
+    device = model.mean.device
+    out = model.classify_image(
+        image.to(device), None if keep is None else keep[0, 0].to(device), streamed=variant == "streamed"
+    )
+    model.loss(out, 1).backward()
+
+
 def _measure(spec: dict) -> dict:
     """Child process: build, reset the peak, run one step, report peak memory and time."""
     dtype = getattr(torch, spec["dtype"])
     device = spec["device"]
-    trunk, head = _build(spec["arch"], dtype, device, spec["seed"])
+    clam = spec.get("model", "trunk") == "streamingclam"
+    if clam:
+        model = _build_clam(spec)
+        stream = model.stream
+    else:
+        trunk, head = _build(spec["arch"], dtype, device, spec["seed"])
+        stream = _stream(trunk, spec)
     image = _image(spec["size"], spec["seed"])
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -123,15 +196,28 @@ def _measure(spec: dict) -> dict:
         baseline = _status_kib("VmRSS") * 1024
         if not _reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): fresh-process peaks would be wrong")
-    start = time.perf_counter()
-    _step(spec["variant"], trunk, head, image, spec["tile"], dtype)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if clam:
+        _clam_step(spec["variant"], model, image, spec)
+    else:
+        _step(spec["variant"], trunk, head, image, spec, stream)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = _status_kib("VmHWM") * 1024
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    channels, h, w = stream.output_shape(spec["size"], spec["size"])
+    keep = tissue_mask(h, w, spec.get("tissue", 1.0)) if spec["variant"] == "streamed" else None
+    tiles = stream.tiles(spec["size"], spec["size"])
+    run = sum(1 for t in tiles if keep is None or bool(keep[..., t.out_h, t.out_w].any()))
     return {
-        "time_s": time.perf_counter() - start,
+        "time_s": elapsed,
+        "cpu_s": cpu,
+        "feature_map_bytes": channels * h * w * torch.finfo(dtype).bits // 8,
+        "image_bytes": int(image.numel()),
+        "tiles": len(tiles) if spec["variant"] == "streamed" else None,
+        "tiles_run": run if spec["variant"] == "streamed" else None,
         "peak_mem_bytes": int(peak),
         "baseline_bytes": int(baseline),
         "peak_above_baseline_bytes": int(peak - baseline),
@@ -148,17 +234,24 @@ def _grad_diff(spec: dict) -> dict:
     for variant in ("ordinary", "streamed"):
         for p in params:
             p.grad = None
-        _step(variant, trunk, head, image, spec["tile"], dtype)
+        _step(variant, trunk, head, image, spec)
         grads[variant] = [_grad(p) for p in params]
-    worst = 0.0
-    for g_s, g_o in zip(grads["streamed"], grads["ordinary"], strict=True):
+    worst, worst_name = 0.0, None
+    names = {id(p): n for n, p in [*trunk.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]}
+    for p, g_s, g_o in zip(params, grads["streamed"], grads["ordinary"], strict=True):
         scale = float(g_o.abs().max())
-        if scale > 0:
-            worst = max(worst, float((g_s - g_o).abs().max()) / scale)
-    from loupe.models.streaming import StreamingTrunk, resnet_sequential
-
-    tiles = len(StreamingTrunk(resnet_sequential(trunk), spec["tile"]).tiles(spec["size"], spec["size"]))
-    return {"max_rel_grad_diff": worst, "parameters_compared": len(params), "tiles": tiles}
+        if scale > 0 and float((g_s - g_o).abs().max()) / scale > worst:
+            worst, worst_name = float((g_s - g_o).abs().max()) / scale, names[id(p)]
+    flat_s = torch.cat([g.flatten() for g in grads["streamed"]]).double()
+    flat_o = torch.cat([g.flatten() for g in grads["ordinary"]]).double()
+    tiles = len(_stream(trunk, spec).tiles(spec["size"], spec["size"]))
+    return {
+        "max_rel_grad_diff": worst,
+        "worst_parameter": worst_name,
+        "rel_l2_grad_diff": float((flat_s - flat_o).norm() / flat_o.norm()),
+        "parameters_compared": len(params),
+        "tiles": tiles,
+    }
 
 
 def _grad(param: Tensor) -> Tensor:
@@ -224,29 +317,51 @@ def run_streaming_bench(
     sizes: list[int] | None = None,
     grad_size: int | None = None,
     seed: int = 0,
+    checkpoint: bool = False,
+    fold: bool = False,
+    tissue: float = 1.0,
+    model: str = "trunk",
 ) -> dict:
     """Measure one streamed and one ordinary training step at ``size`` (and the streamed one at each of ``sizes``);
     write ``out/streaming.json`` (``streaming.partial.json`` after each measured step) and return its content.
 
     The ordinary step is skipped above ``ordinary_max`` and recorded as null when it runs out of memory. The gradient
     difference is measured at ``grad_size`` (default: the smaller of ``size`` and 2 × ``tile``, at least 1024 when
-    ``size`` allows, so that several tiles with interior borders are compared).
+    ``size`` allows, so that several tiles with interior borders are compared). ``checkpoint``, ``fold``: the streamed
+    step's per-block checkpointing and BatchNorm folding. ``tissue``: the fraction of the feature map that is tissue in
+    the streamed steps (see the module docstring). ``model``: ``"trunk"`` (the ResNet trunk and a gated-attention
+    head) or ``"streamingclam"`` (:class:`~loupe.models.streamingclam.StreamingCLAM` itself, with its instance loss;
+    its ordinary step is ``classify_image(streamed=False)``).
     """
     if size <= 0 or tile <= 0:
         raise ConfigError("--size and --tile must be positive")
     dtype_name = str(dtype).removeprefix("torch.")
     all_sizes = sorted({*(sizes or []), size})
-    base = {"arch": arch, "tile": tile, "dtype": dtype_name, "device": device, "seed": seed}
+    if not 0 < tissue <= 1:
+        raise ConfigError("--tissue must be in (0, 1]")
+    base = {
+        "arch": arch,
+        "tile": tile,
+        "dtype": dtype_name,
+        "device": device,
+        "seed": seed,
+        "checkpoint": checkpoint,
+        "fold": fold,
+        "model": model,
+    }
+    if model not in ("trunk", "streamingclam"):
+        raise ConfigError(f"--model must be trunk or streamingclam, got {model!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     for n in all_sizes:
         for variant in ("streamed", "ordinary"):
-            entry = {"variant": variant, "size": n}
+            fraction = tissue if variant == "streamed" else 1.0
+            entry: dict[str, Any] = {"variant": variant, "size": n, "tissue": fraction}
             if variant == "ordinary" and ordinary_max is not None and n > ordinary_max:
                 entry["status"] = f"skipped (above --ordinary-max {ordinary_max})"
             else:
-                result = _in_fresh_process("_measure", {**base, "variant": variant, "size": n})
+                result = _in_fresh_process("_measure", {**base, "variant": variant, "size": n, "tissue": fraction})
                 if "ok" in result:
                     entry.update(result["ok"], status="ok")
                 else:
@@ -258,17 +373,17 @@ def run_streaming_bench(
             runs.append(entry)
             (out / "streaming.partial.json").write_text(json.dumps({**base, "runs": runs}, indent=2) + "\n")
 
-    def peak(variant: str, n: int) -> int | None:
-        for r in runs:
-            if r["variant"] == variant and r["size"] == n and r["status"] == "ok":
-                return r["peak_mem_bytes"]
-        return None
-
     def field(variant: str, n: int, key: str) -> Any:
         for r in runs:
             if r["variant"] == variant and r["size"] == n and r["status"] == "ok":
                 return r[key]
         return None
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return a / b if a is not None and b else None
+
+    def time_ratio(n: int, key: str) -> float | None:  # only where both steps compute the whole image
+        return ratio(field("streamed", n, key), field("ordinary", n, key)) if tissue >= 1 else None
 
     if grad_size is None:
         grad_size = min(size, max(2 * tile, 1024))
@@ -277,8 +392,37 @@ def run_streaming_bench(
         raise RuntimeError(f"gradient comparison at {grad_size} failed: {diff['error']}")
     ordinary_done = [r for r in runs if r["variant"] == "ordinary" and r["status"] == "ok"]
     reference = max(ordinary_done, key=lambda r: r["size"]) if ordinary_done else None
-    streamed_peak = peak("streamed", size)
+    streamed_peak = field("streamed", size, "peak_mem_bytes")
+    growth = []
+    for r in runs:
+        if r["variant"] != "streamed" or r["status"] != "ok":
+            continue
+        row = {
+            k: r.get(k)
+            for k in (
+                "size",
+                "tissue",
+                "tiles",
+                "tiles_run",
+                "image_bytes",
+                "feature_map_bytes",
+                "peak_mem_bytes",
+                "peak_above_baseline_bytes",
+                "time_s",
+                "cpu_s",
+            )
+        }
+        row["time_ratio_to_ordinary_same_size"] = time_ratio(r["size"], "time_s")
+        row["cpu_ratio_to_ordinary_same_size"] = time_ratio(r["size"], "cpu_s")
+        if reference is not None:  # the largest ordinary step against this streamed one
+            row["reference_ordinary_size"] = reference["size"]
+            row["reference_peak_ratio_raw"] = ratio(reference["peak_mem_bytes"], r["peak_mem_bytes"])
+            row["reference_peak_ratio_above_baseline"] = ratio(
+                reference["peak_above_baseline_bytes"], r["peak_above_baseline_bytes"]
+            )
+        growth.append(row)
     result = {
+        "model": model,
         "arch": arch,
         "size": size,
         "tile": tile,
@@ -294,12 +438,26 @@ def run_streaming_bench(
             "libraries, model and uint8 image held before the step (baseline_bytes)"
         ),
         "allocator_env": MALLOC_ENV,
-        "streamed_options": {"checkpoint_segments": True, "image": "uint8, preprocessed per tile"},
+        "streamed_options": {
+            "checkpoint_segments": checkpoint,
+            "fold_batchnorm": fold,
+            "image": "uint8, preprocessed per tile",
+            "tissue": tissue,
+        },
         "peak_mem_streamed_bytes": streamed_peak,
-        "peak_mem_ordinary_bytes": peak("ordinary", size),
+        "peak_mem_ordinary_bytes": field("ordinary", size, "peak_mem_bytes"),
         "time_streamed_s": field("streamed", size, "time_s"),
         "time_ordinary_s": field("ordinary", size, "time_s"),
-        "max_rel_grad_diff": diff["ok"]["max_rel_grad_diff"],
+        "time_ratio": time_ratio(size, "time_s"),
+        # CPU time of the process (all threads): on a machine shared with other jobs, less noisy than wall time.
+        "cpu_time_ratio": time_ratio(size, "cpu_s"),
+        "peak_ratio_raw": ratio(field("ordinary", size, "peak_mem_bytes"), streamed_peak),
+        "peak_ratio_above_baseline": ratio(
+            field("ordinary", size, "peak_above_baseline_bytes"), field("streamed", size, "peak_above_baseline_bytes")
+        ),
+        "max_rel_grad_diff": diff["ok"]["max_rel_grad_diff"],  # max over parameters of max|Δg| / max|g|
+        "max_rel_grad_diff_parameter": diff["ok"]["worst_parameter"],
+        "rel_l2_grad_diff": diff["ok"]["rel_l2_grad_diff"],  # ‖Δg‖ / ‖g‖ over every parameter together
         "grad_diff_size": grad_size,
         "grad_diff_tiles": diff["ok"]["tiles"],  # 1 would compare the whole image with itself
         "ordinary_reference": None
@@ -309,17 +467,12 @@ def run_streaming_bench(
             "peak_mem_bytes": reference["peak_mem_bytes"],
             "peak_above_baseline_bytes": reference["peak_above_baseline_bytes"],
             "time_s": reference["time_s"],
-            "ratio_to_streamed_peak": reference["peak_mem_bytes"] / streamed_peak if streamed_peak else None,
-            "ratio_to_streamed_above_baseline": reference["peak_above_baseline_bytes"]
-            / field("streamed", size, "peak_above_baseline_bytes")
-            if streamed_peak
-            else None,
+            "ratio_to_streamed_peak": ratio(reference["peak_mem_bytes"], streamed_peak),
+            "ratio_to_streamed_above_baseline": ratio(
+                reference["peak_above_baseline_bytes"], field("streamed", size, "peak_above_baseline_bytes")
+            ),
         },
-        "streamed_growth": [
-            {k: r.get(k) for k in ("size", "peak_mem_bytes", "peak_above_baseline_bytes", "time_s")}
-            for r in runs
-            if r["variant"] == "streamed" and r["status"] == "ok"
-        ],
+        "streamed_growth": growth,
         "runs": runs,
     }
     (out / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -340,6 +493,12 @@ def streaming_command(argv: list[str]) -> int:
     parser.add_argument("--grad-size", type=int, default=None, help="size of the gradient comparison")
     parser.add_argument("--dtype", type=str, default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--checkpoint", action="store_true", help="checkpoint each residual block of a tile")
+    parser.add_argument("--fold", action="store_true", help="fold frozen BatchNorm into the convolutions")
+    parser.add_argument("--tissue", type=float, default=1.0, help="tissue fraction of the streamed steps' images")
+    parser.add_argument(
+        "--model", type=str, default="trunk", choices=["trunk", "streamingclam"], help="what one step trains"
+    )
     ns = parser.parse_args(argv)
     sizes = [int(s) for s in ns.sizes.split(",") if s.strip()] if ns.sizes else None
     result = run_streaming_bench(
@@ -352,16 +511,39 @@ def streaming_command(argv: list[str]) -> int:
         device=ns.device,
         sizes=sizes,
         grad_size=ns.grad_size,
+        checkpoint=ns.checkpoint,
+        fold=ns.fold,
+        tissue=ns.tissue,
+        model=ns.model,
     )
     mib = 1 / 2**20
     for r in result["runs"]:
         if r["status"] == "ok":
+            tissue = f", tissue {r['tissue']:.2f} ({r['tiles_run']}/{r['tiles']} tiles)" if r["tissue"] < 1 else ""
             print(
                 f"{r['variant']:>8} {r['size']:>6}²: peak {r['peak_mem_bytes'] * mib:8.0f} MiB "
-                f"({r['peak_above_baseline_bytes'] * mib:7.0f} above baseline), {r['time_s']:7.1f} s"
+                f"({r['peak_above_baseline_bytes'] * mib:7.0f} above baseline), {r['time_s']:7.1f} s "
+                f"(CPU {r['cpu_s']:7.1f} s){tissue}"
             )
         else:
             print(f"{r['variant']:>8} {r['size']:>6}²: {r['status']}")
-    print(f"max relative gradient difference at {result['grad_diff_size']}²: {result['max_rel_grad_diff']:.2e}")
+    if result["time_ratio"] is not None:
+        print(
+            f"at {ns.size}²: streamed/ordinary time {result['time_ratio']:.2f}× (CPU time "
+            f"{result['cpu_time_ratio']:.2f}×), ordinary/streamed peak "
+            f"{result['peak_ratio_raw']:.2f}× raw, {result['peak_ratio_above_baseline']:.2f}× above baseline"
+        )
+    for row in result["streamed_growth"]:
+        if "reference_ordinary_size" in row:
+            print(
+                f"streamed {row['size']}² vs ordinary {row['reference_ordinary_size']}² peak: "
+                f"{row['reference_peak_ratio_raw']:.2f}× raw, {row['reference_peak_ratio_above_baseline']:.2f}× "
+                f"above baseline (feature map {row['feature_map_bytes'] * mib:.0f} MiB)"
+            )
+    print(
+        f"gradient difference at {result['grad_diff_size']}² ({result['grad_diff_tiles']} tiles): max relative "
+        f"{result['max_rel_grad_diff']:.2e} ({result['max_rel_grad_diff_parameter']}), "
+        f"‖Δg‖/‖g‖ {result['rel_l2_grad_diff']:.2e}"
+    )
     print(f"wrote {Path(ns.out) / 'streaming.json'}")
     return 0

@@ -57,6 +57,10 @@ class StreamingCLAM(SlideClassifier):
 
     Each slide is streamed alone, so the training loop accumulates slides (``accumulates_slides``). The loss is
     the bag cross-entropy, or (1 − w)·bag CE + w·CLAM's instance loss with instance classifiers.
+    ``checkpoint_segments`` (ResNet trunks): recompute each residual block in a tile's backward, less memory per tile
+    for one more forward; off, a tile keeps all its activations (faster, so larger tiles pay off).
+    ``fold_normalisation``: compute with the frozen BatchNorms folded into their convolutions (exact in real
+    arithmetic and faster, but further from the whole-image float32 gradients: off by default).
     """
 
     accumulates_slides = True
@@ -79,6 +83,8 @@ class StreamingCLAM(SlideClassifier):
         freeze_encoder_epochs: int = 0,
         calibrate: bool = False,
         freeze_trunk: bool = False,
+        checkpoint_segments: bool = True,
+        fold_normalisation: bool = False,
     ) -> None:
         super().__init__()
         freeze_normalisation(backbone.net)
@@ -86,10 +92,16 @@ class StreamingCLAM(SlideClassifier):
         self.register_buffer("std", backbone.std.clone(), persistent=False)
         trunk: nn.Module
         try:  # a ResNet streams as stem + blocks, each a checkpoint segment: a tile keeps one block's activations
-            trunk, segments = resnet_sequential(backbone.net), True
+            trunk, segments = resnet_sequential(backbone.net), checkpoint_segments
         except ConfigError:
             trunk, segments = _Features(backbone.net), False
-        self.stream = StreamingTrunk(trunk, tile_size, preprocess=self.preprocess, checkpoint_segments=segments)
+        self.stream = StreamingTrunk(
+            trunk,
+            tile_size,
+            preprocess=self.preprocess,
+            checkpoint_segments=segments,
+            fold_normalisation=fold_normalisation,
+        )
         self.local_pool = int(local_pool)
         self.pool = nn.MaxPool2d(self.local_pool, ceil_mode=True) if self.local_pool > 1 else nn.Identity()
         d = backbone.num_features
@@ -300,6 +312,8 @@ def build_streamingclam(model_cfg: ModelConfig, cfg: StreamingCLAMConfig, n_clas
         freeze_encoder_epochs=cfg.freeze_encoder_epochs,
         calibrate=model_cfg.patch_pretrained is False if calibrate is None else calibrate,
         freeze_trunk=model_cfg.freeze_patch_backbone,
+        checkpoint_segments=cfg.checkpoint_segments,
+        fold_normalisation=cfg.fold_normalisation,
     )
 
 
