@@ -18,6 +18,7 @@ import torch
 from loupe.data.catalog import SKIPPED_SLIDES_FILE, SlideCatalog, SlideFailures, run_dropping_failed
 from loupe.data.loading import CellReader
 from loupe.data.manifest import SlideRecord
+from loupe.data.pixels import SlidePixels
 from loupe.errors import SlideError, SlideReadError
 from loupe.models.interface import SlideBatch
 from loupe.slides import open_slide, parse_magnifications
@@ -67,6 +68,21 @@ def test_a_corrupt_tile_fails_the_read_of_that_slide_only(broken: dict[str, Path
         assert err.value.index == 1 and "corrupt.svs" in str(err.value)
     finally:
         reader.close()
+        catalog.close()
+
+
+def test_a_corrupt_tile_fails_the_whole_image_read_of_that_slide_only(broken: dict[str, Path]) -> None:
+    """What StreamingCLAM reads: the whole image, which training then skips like a failed patch read."""
+    records = [SlideRecord(name, path, None, None, None, None) for name, path in broken.items() if name != "truncated"]
+    catalog = SlideCatalog(records, parse_magnifications(["0.5"]), 32)
+    pixels = SlidePixels(catalog, threads=2, crop_to_tissue=False)
+    try:
+        assert pixels.whole(0, None).image.shape[-1] > 0  # good.svs reads
+        with pytest.raises(SlideReadError) as err:
+            pixels.whole(1, None)
+        assert err.value.index == 1 and "corrupt.svs" in str(err.value)
+    finally:
+        pixels.close()
         catalog.close()
 
 

@@ -12,6 +12,7 @@ from loupe.data.catalog import SlideCatalog
 from loupe.data.embeddings import EmbeddingCache
 from loupe.data.loading import CellReader
 from loupe.data.whole_image import WholeImageReader
+from loupe.errors import SlideReadError, describe_error
 from loupe.models.interface import WholeImage
 
 
@@ -42,9 +43,16 @@ class SlidePixels:
         return self._cells(slides, cells)
 
     def whole(self, slide: int, valid: np.ndarray | None) -> WholeImage:
+        """Slide ``slide``'s whole image; a read that fails (a corrupt tile, a file truncated or replaced while in
+        use) raises a :class:`~loupe.errors.SlideReadError` naming the slide, so training can skip it alone."""
         if self._whole is None:
             self._whole = WholeImageReader(self.catalog, self.threads, crop_to_tissue=self.crop_to_tissue)
-        return self._whole(slide, valid)
+        try:
+            return self._whole(slide, valid)
+        except (SlideReadError, MemoryError):
+            raise
+        except Exception as err:
+            raise SlideReadError(f"reading the whole image failed: {describe_error(err)}", slide) from err
 
     @property
     def seconds(self) -> float:
