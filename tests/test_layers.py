@@ -9,21 +9,23 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loupe"
 
-#: What each part may import (besides itself). Read from the bottom: errors/atomic, slides, config, models,
+#: What each part may import (besides itself). Read from the bottom: errors/atomic/ranks, slides, config, models,
 #: data/reports, training, workflows, bench, then the command line.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "atomic": set(),
+    "ranks": set(),
     "slides": {"errors", "atomic"},
     "config": {"errors"},  # + lazily, inside its validators: slides (magnification notation), models (backbones)
     "models": {"errors", "config"},
     "reports": {"errors", "atomic", "slides"},
-    "data": {"errors", "atomic", "slides", "config", "models"},
-    "training": {"errors", "config", "models"},
-    "workflows": {"errors", "atomic", "slides", "config", "models", "data", "reports", "training"},
+    "data": {"errors", "atomic", "ranks", "slides", "config", "models"},
+    "training": {"errors", "atomic", "ranks", "config", "models", "data"},
+    "workflows": {"errors", "atomic", "ranks", "slides", "config", "models", "data", "reports", "training"},
     "bench": {"errors", "atomic", "slides", "config", "models", "data", "reports", "training", "workflows"},
     "console": set(),
-    "cli": {"__version__", "errors", "config", "console", "slides", "models", "data", "workflows", "bench"},
+    "cli": {"__version__", "errors", "ranks", "config", "console", "slides", "models", "data", "workflows", "bench"},
+    "__main__": {"cli"},
 }
 #: Imports allowed only inside functions (never at module level): config's validators read the lower layers'
 #: registries without making the settings module import them (or torch).

@@ -148,7 +148,7 @@ def _import_bach_parser(prog: str) -> ArgumentParser:
 
 def _train(ns: Namespace, args: list[str]) -> int:
     from loupe.config import config_from_namespace, parse_arguments
-    from loupe.training.distributed import is_first_process
+    from loupe.ranks import is_first_process
     from loupe.workflows.training import train
 
     parser = _train_parser("loupe train")

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loupe.training.distributed import average_gradients, gather_rows, world
+from loupe.ranks import world
+from loupe.training.distributed import average_gradients, gather_rows
 
 
 def main(out: str) -> None:

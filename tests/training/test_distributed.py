@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from loupe.data.synthetic import SyntheticSpec, generate_dataset
-from loupe.training.distributed import average_gradients, gather_rows, is_first_process, world
+from loupe.ranks import world
+from loupe.training.distributed import average_gradients, gather_rows
 
 HERE = Path(__file__).resolve().parent
 PRESETS = HERE.parents[1] / "src" / "loupe" / "configs"
@@ -65,26 +66,6 @@ def test_one_process_is_its_own_world():
     p.grad = torch.ones(2)
     average_gradients([p])
     assert p.grad.tolist() == [1.0, 1.0]
-
-
-@pytest.mark.parametrize(
-    ("env", "first"),
-    [
-        ({}, True),
-        ({"LOCAL_RANK": "0"}, True),
-        ({"LOCAL_RANK": "1"}, False),  # a process Lightning's launcher started
-        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # the first process of the second node
-        ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
-        ({"SLURM_PROCID": "0"}, True),
-        ({"SLURM_PROCID": "5"}, False),
-    ],
-)
-def test_the_first_process_is_known_before_any_process_group(monkeypatch, env: dict[str, str], first: bool):
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert is_first_process() is first
 
 
 # --- one optimiser step: 2 ranks × B/2 == 1 process × B ------------------------------------------------------

@@ -19,7 +19,7 @@ from loupe.data.catalog import SlideCatalog
 from loupe.data.preparation import Timer
 from loupe.errors import SlideReadError, describe_error
 from loupe.models.interface import GridShapes, SlideBatch
-from loupe.training.distributed import world
+from loupe.ranks import world
 
 
 @dataclass(frozen=True)

@@ -1,33 +1,16 @@
-"""What a training process needs to know and do about the other processes of a data-parallel (DDP) run: its rank,
-gathering per-slide rows from every rank, and averaging gradients once per optimiser step. Every function is the
-identity in a run of one process, so the single-device path is the same code."""
+"""What a training process does with the other processes of a data-parallel (DDP) run: gathering per-slide rows
+from every rank, and averaging gradients once per optimiser step (which process this is: :mod:`loupe.ranks`).
+Both are the identity in a run of one process, so the single-device path is the same code."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-#: Environment variables that carry a process's rank, by launcher: torchrun and Lightning (RANK, LOCAL_RANK,
-#: NODE_RANK), SLURM, Open MPI, other MPIs.
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-
-
-def world() -> tuple[int, int]:
-    """(number of processes, this one's rank) of the initialised process group; (1, 0) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def is_first_process() -> bool:
-    """Whether this is the run's first process, as its launcher says, before any process group exists: the one
-    that writes the run folder's files. (The first process of a one-node Lightning launch, which starts the
-    others itself, has no variable at all.)"""
-    return all(os.environ.get(name, "0").strip() in ("0", "") for name in _RANK_VARIABLES)
+from loupe.ranks import world
 
 
 def gather_rows(rows: Tensor) -> Tensor:

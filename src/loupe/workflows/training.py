@@ -22,7 +22,7 @@ from loupe.errors import ConfigError
 from loupe.models import build_model
 from loupe.reports.io import write_json, write_text
 from loupe.training.checkpoint_io import SafeCheckpointIO, record_resume, resume_from
-from loupe.training.distributed import is_first_process
+from loupe.ranks import is_first_process
 from loupe.training.module import SlideClassifierModule
 from loupe.training.trainer import build_trainer
 from loupe.workflows.common import RunPaths, magnifications_of, make_catalog
