@@ -20,9 +20,9 @@ from loupe.data.manifest import Manifest, load_manifest, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
 from loupe.errors import ConfigError
 from loupe.models import build_model
+from loupe.ranks import is_first_process
 from loupe.reports.io import write_json, write_text
 from loupe.training.checkpoint_io import SafeCheckpointIO, record_resume, resume_from
-from loupe.ranks import is_first_process
 from loupe.training.module import SlideClassifierModule
 from loupe.training.trainer import build_trainer
 from loupe.workflows.common import RunPaths, magnifications_of, make_catalog
