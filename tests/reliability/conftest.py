@@ -44,6 +44,27 @@ def loupe_command(*args: str | os.PathLike[str], script: str | None = None) -> l
     return [*head, *(str(a) for a in args)]
 
 
+def failing_save(variable: str, failure: str, imports: str = "os, sys") -> str:
+    """A script that runs the CLI with torch.save replaced by one that, at its N-th call (N: environment variable
+    ``variable``), writes the first bytes of a checkpoint and then runs ``failure`` (one statement: a SIGKILL, a
+    raised OSError): a fault in the middle of a checkpoint write. ``imports``: the modules ``failure`` needs."""
+    return f"""
+import {imports}
+import torch
+real_save, calls = torch.save, [0]
+def failing_save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["{variable}"]):
+        f.write(b"PK\\x03\\x04 half a checkpoint")
+        f.flush()
+        {failure}
+    return real_save(obj, f, *args, **kwargs)
+torch.save = failing_save
+from loupe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def train_args(manifest: Path, out: Path, epochs: int, *extra: str) -> list[str]:
     """`loupe train` of the demo preset on ``manifest``: batches of 4 (two steps per epoch), no progress bar."""
     return [

@@ -18,23 +18,10 @@ import torch
 from loupe.errors import CheckpointError
 from loupe.training.checkpoint_io import RESUMES_FILE, is_complete, load_weights_only
 
-from .conftest import PRESETS, no_traceback, run_loupe, train_args
+from .conftest import PRESETS, failing_save, no_traceback, run_loupe, train_args
 
 #: Runs the CLI with torch.save raising ENOSPC at its FAIL_AT-th call: the disk fills during a checkpoint write.
-DISK_FULL_AT_SAVE = """
-import errno, os, sys
-import torch
-real_save, calls = torch.save, [0]
-def full_save(obj, f, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ["FAIL_AT"]):
-        f.write(b"PK\\x03\\x04")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return real_save(obj, f, *args, **kwargs)
-torch.save = full_save
-from loupe.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+DISK_FULL_AT_SAVE = failing_save("FAIL_AT", "raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))", "errno, os, sys")
 
 #: Runs the CLI with the GeoJSON writer of slide folders raising ENOSPC from its FAIL_AT-th call on.
 DISK_FULL_IN_PREDICT = """

@@ -16,7 +16,7 @@ import torch
 
 from loupe.training.checkpoint_io import RESUMES_FILE, is_complete
 
-from .conftest import child_env, loupe_command, run_loupe, train_args
+from .conftest import child_env, failing_save, loupe_command, run_loupe, train_args
 
 EPOCHS = 30
 STEPS_PER_EPOCH = 2  # 8 training slides in batches of 4
@@ -77,23 +77,9 @@ def test_training_killed_at_random_moments_resumes_and_finishes(dataset: Path, t
     assert (run / "checkpoints" / "best.ckpt").is_file()
 
 
-#: Runs the CLI after replacing torch.save by one that, at its DIE_AT-th call, writes a few bytes and SIGKILLs the
-#: process: a kill while a checkpoint file is being written.
-DIE_DURING_SAVE = """
-import os, signal, sys
-import torch
-real_save, calls = torch.save, [0]
-def dying_save(obj, f, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ["DIE_AT"]):
-        f.write(b"PK\\x03\\x04 half a checkpoint")
-        f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
-torch.save = dying_save
-from loupe.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+#: Runs the CLI with torch.save SIGKILLing the process at its DIE_AT-th call, after writing a few bytes: a kill
+#: while a checkpoint file is being written.
+DIE_DURING_SAVE = failing_save("DIE_AT", "os.kill(os.getpid(), signal.SIGKILL)", imports="os, signal, sys")
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(dataset: Path, tmp_path: Path) -> None:
