@@ -335,3 +335,95 @@ def test_each_tile_runs_once_with_autograd_and_the_last_one_is_not_recomputed(mo
         calls.clear()
         stream(image, keep)
         assert calls == [False] * n
+
+
+def _rows_of(dense: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The kept positions of a (1, C, h, w) map as rows (n, C), row-major: what ``rows=True`` stitches."""
+    flat = dense[0].flatten(1).t()
+    return flat if keep is None else flat[keep.reshape(-1)]
+
+
+@pytest.mark.parametrize("depth", [1, None])
+@pytest.mark.parametrize(("fold", "segments"), [(False, False), (False, True), (True, True)])
+def test_sub_streamed_stem_is_exact(depth, fold, segments):
+    """A ResNet-34's stem (and with depth None its layer1 too) streamed over each tile's crop in sub-tiles: the same
+    outputs and gradients as the whole image, with and without background tiles."""
+    from loupe.models.streaming import resnet_stem_depth
+
+    model = _trunk("resnet34")
+    trunk = resnet_sequential(model)
+    h, w = 700, 90
+    image = torch.randn(1, 3, h, w, dtype=torch.float64)
+    c, oh, ow = output_shape(trunk, h, w)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    stream = StreamingTrunk(
+        trunk,
+        160,
+        checkpoint_segments=segments,
+        fold_normalisation=fold,
+        stem_tile=64,
+        stem_depth=depth or resnet_stem_depth(model),
+    )
+    assert stream.stem is not None and _has_interior_borders(stream, h, w, "h")
+    calls: list[int] = []
+    stem_run = stream.stem.run_tile
+    stream.stem.run_tile = lambda *a, **k: calls.append(1) or stem_run(*a, **k)  # type: ignore[method-assign]
+    _assert_exact(_reference(trunk, image, weight, None), _streamed(stream, image, weight, None))
+    assert len(calls) > 2 * len(stream.tiles(h, w))  # several sub-tiles per tile: the stem really was sub-streamed
+    keep = _keep_mask(stream, h, w, seed=3)
+    _assert_exact(_reference(trunk, image, weight, keep), _streamed(stream, image, weight, keep))
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_rows_are_the_kept_positions_with_their_gradients(with_keep):
+    """``rows=True`` stitches only the kept positions, (n_kept, C) row-major; outputs and gradients equal the whole
+    image's at those positions."""
+    trunk = _shallow()
+    h, w = 200, 232
+    image = torch.randn(1, 3, h, w, dtype=torch.float64)
+    stream = StreamingTrunk(trunk, 40)
+    c, oh, ow = stream.output_shape(h, w)
+    keep = _keep_mask(stream, h, w, seed=7) if with_keep else None
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    out_ref, g_ref = _reference(trunk, image, weight, keep)
+    trunk.zero_grad(set_to_none=True)
+    rows = stream(image, keep, rows=True)
+    assert rows.shape == (oh * ow if keep is None else int(keep.sum()), c)
+    assert _rel(rows.detach(), _rows_of(out_ref, keep)) < TOL
+    (rows * _rows_of(weight, keep)).sum().backward()
+    g = {n: p.grad for n, p in trunk.named_parameters() if p.requires_grad}
+    assert max(_rel(g[n], g_ref[n]) for n in g_ref) < TOL
+    none = stream(image, torch.zeros(1, 1, oh, ow, dtype=torch.bool), rows=True)
+    assert none.shape == (0, c)
+
+
+class _Regions:
+    """An image read crop by crop (as from a slide file), recording each crop's size."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image = image
+        self.crops: list[tuple[int, int]] = []
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+    def crop(self, rows: slice, cols: slice) -> torch.Tensor:
+        self.crops.append((rows.stop - rows.start, cols.stop - cols.start))
+        return self.image[..., rows, cols].clone()
+
+
+def test_an_image_read_per_crop_gives_the_same_result_and_is_never_read_whole():
+    trunk = _shallow()
+    h, w = 200, 232
+    image = torch.randn(1, 3, h, w, dtype=torch.float64)
+    stream = StreamingTrunk(trunk, 40, stem_tile=24)
+    c, oh, ow = stream.output_shape(h, w)
+    weight = torch.randn(1, c, oh, ow, dtype=torch.float64)
+    regions = _Regions(image)
+    _assert_exact(_reference(trunk, image, weight, None), _streamed(stream, regions, weight, None))  # type: ignore[arg-type]
+    largest = max(r * c_ for r, c_ in regions.crops)
+    assert largest == max(
+        (t.crop_h.stop - t.crop_h.start) * (t.crop_w.stop - t.crop_w.start) for t in stream.tiles(h, w)
+    )
+    assert largest < h * w

@@ -53,7 +53,9 @@ class _GatedAttentionHead(nn.Module):
         self.classifier = nn.Linear(channels, 1)
 
     def forward(self, features: Tensor) -> Tensor:
-        h = features.flatten(2)[0].t()  # (positions, channels), a view of the map
+        """``features``: the feature map (1, C, h, w), or its positions' rows (n, C) as the streamed trunk stitches
+        them (kept positions only)."""
+        h = features if features.dim() == 2 else features.flatten(2)[0].t()  # (positions, channels)
         a = torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(1), dim=0)
         return self.classifier(a @ h)
 
@@ -88,9 +90,36 @@ def _build(arch: str, dtype: torch.dtype, device: str, seed: int) -> tuple[nn.Mo
     return trunk.to(device=device, dtype=dtype), head.to(device=device, dtype=dtype)
 
 
+def _pixels(rows: slice, cols: slice, seed: int) -> Tensor:
+    """Pixels ``[rows, cols]`` (1, 3, h, w) uint8 of the bench's image: a fixed hash of (seed, channel, y, x), so any
+    region can be made without the rest (uniform-looking noise, as hard for the network as random pixels)."""
+    y = torch.arange(rows.start, rows.stop, dtype=torch.int64).view(1, 1, -1, 1)
+    x = torch.arange(cols.start, cols.stop, dtype=torch.int64).view(1, 1, 1, -1)
+    c = torch.arange(3, dtype=torch.int64).view(1, 3, 1, 1)
+    v = (y * 0x9E3779B1 + x * 0x85EBCA77 + c * 0xC2B2AE3D + seed * 0x27D4EB2F) & 0xFFFFFFFF
+    v = ((v ^ (v >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+    v = ((v ^ (v >> 12)) * 0x297A2D39) & 0xFFFFFFFF
+    return ((v ^ (v >> 15)) & 0xFF).to(torch.uint8)
+
+
+class HashedImage:
+    """The bench's N×N image as an :class:`~loupe.models.interface.ImageRegions` source: each crop is made when a
+    tile asks for it (as a slide reader decodes it), so the image is never held whole."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (1, 3, self.size, self.size)
+
+    def crop(self, rows: slice, cols: slice) -> Tensor:
+        return _pixels(rows, cols, self.seed)
+
+
 def _image(size: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
+    """The bench's image, whole (the same pixels as :class:`HashedImage`)."""
+    return _pixels(slice(0, size), slice(0, size), seed)
 
 
 def _preprocess(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
@@ -105,14 +134,17 @@ def _preprocess(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
 def _stream(trunk: nn.Module, spec: dict) -> Any:
     """The streaming engine over a ResNet trunk (stem + blocks, so context is trimmed per block) with ``spec``'s
     options."""
-    from loupe.models.streaming import StreamingTrunk, resnet_sequential
+    from loupe.models.streaming import StreamingTrunk, resnet_sequential, resnet_stem_depth
 
+    stem_tile = spec.get("stem_tile")
     return StreamingTrunk(
         resnet_sequential(trunk),
         spec["tile"],
         _preprocess(getattr(torch, spec["dtype"])),
         checkpoint_segments=spec.get("checkpoint", False),
         fold_normalisation=spec.get("fold", False),
+        stem_tile=stem_tile if stem_tile and stem_tile < spec["tile"] else None,
+        stem_depth=spec.get("stem_depth") or resnet_stem_depth(trunk),
     )
 
 
@@ -128,7 +160,9 @@ def tissue_mask(height: int, width: int, fraction: float) -> Tensor | None:
     return (y[:, None] ** 2 + x[None, :] ** 2 < r2)[None, None]
 
 
-def _step(variant: str, trunk: nn.Module, head: nn.Module, image: Tensor, spec: dict, stream: Any = None) -> None:
+def _step(
+    variant: str, trunk: nn.Module, head: nn.Module, image: Tensor | HashedImage, spec: dict, stream: Any = None
+) -> None:
     """One training step (forward + backward); the feature map is referenced only by the graph, as in training.
 
     ``stream``: the streaming engine over ``trunk`` (built here when None; building it derives its geometry).
@@ -139,8 +173,11 @@ def _step(variant: str, trunk: nn.Module, head: nn.Module, image: Tensor, spec: 
         stream = _stream(trunk, spec) if stream is None else stream
         _, h, w = stream.output_shape(int(image.shape[2]), int(image.shape[3]))
         keep = tissue_mask(h, w, spec.get("tissue", 1.0))
-        loss = nn.functional.binary_cross_entropy_with_logits(head(stream(image, keep)), target)
+        features = stream(image, keep, rows=spec.get("rows", False))
+        loss = nn.functional.binary_cross_entropy_with_logits(head(features), target)
+        del features
     else:
+        assert isinstance(image, Tensor)
         x = _preprocess(dtype)(image.to(target.device))
         features = cast(Callable[[Tensor], Tensor], trunk.forward_features)  # timm's trunk without its head
         loss = nn.functional.binary_cross_entropy_with_logits(head(features(x)), target)
@@ -161,17 +198,21 @@ def _build_clam(spec: dict) -> Any:
         instance_classifiers=True,
         checkpoint_segments=spec.get("checkpoint", False),
         fold_normalisation=spec.get("fold", False),
+        stem_tile=spec.get("stem_tile") or None,
+        stem_depth=spec.get("stem_depth"),
     )
     return model.to(device=spec["device"], dtype=getattr(torch, spec["dtype"])).train()
 
 
-def _clam_step(variant: str, model: Any, image: Tensor, spec: dict) -> None:
+def _clam_step(variant: str, model: Any, image: Tensor | HashedImage, spec: dict) -> None:
     """One StreamingCLAM training step (bag and instance loss); streamed on the tissue mask, or whole-image."""
     _, h, w = model.stream.output_shape(int(image.shape[2]), int(image.shape[3]))
     keep = tissue_mask(h, w, spec.get("tissue", 1.0)) if variant == "streamed" else None
     device = model.mean.device
     out = model.classify_image(
-        image.to(device), None if keep is None else keep[0, 0].to(device), streamed=variant == "streamed"
+        image.to(device) if isinstance(image, Tensor) else image,
+        None if keep is None else keep[0, 0].to(device),
+        streamed=variant == "streamed",
     )
     model.loss(out, 1).backward()
 
@@ -187,7 +228,10 @@ def _measure(spec: dict) -> dict:
     else:
         trunk, head = _build(spec["arch"], dtype, device, spec["seed"])
         stream = _stream(trunk, spec)
-    image = _image(spec["size"], spec["seed"])
+    regions = spec["variant"] == "streamed" and spec.get("image") == "regions"
+    image: Tensor | HashedImage = (
+        HashedImage(spec["size"], spec["seed"]) if regions else _image(spec["size"], spec["seed"])
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -215,7 +259,7 @@ def _measure(spec: dict) -> dict:
         "time_s": elapsed,
         "cpu_s": cpu,
         "feature_map_bytes": channels * h * w * torch.finfo(dtype).bits // 8,
-        "image_bytes": int(image.numel()),
+        "image_bytes": 0 if isinstance(image, HashedImage) else int(image.numel()),
         "tiles": len(tiles) if spec["variant"] == "streamed" else None,
         "tiles_run": run if spec["variant"] == "streamed" else None,
         "peak_mem_bytes": int(peak),
@@ -321,6 +365,10 @@ def run_streaming_bench(
     fold: bool = False,
     tissue: float = 1.0,
     model: str = "trunk",
+    stem_tile: int | None = None,
+    stem_depth: int | None = None,
+    rows: bool = False,
+    image: str = "memory",
 ) -> dict:
     """Measure one streamed and one ordinary training step at ``size`` (and the streamed one at each of ``sizes``);
     write ``out/streaming.json`` (``streaming.partial.json`` after each measured step) and return its content.
@@ -331,7 +379,12 @@ def run_streaming_bench(
     step's per-block checkpointing and BatchNorm folding. ``tissue``: the fraction of the feature map that is tissue in
     the streamed steps (see the module docstring). ``model``: ``"trunk"`` (the ResNet trunk and a gated-attention
     head) or ``"streamingclam"`` (:class:`~loupe.models.streamingclam.StreamingCLAM` itself, with its instance loss;
-    its ordinary step is ``classify_image(streamed=False)``).
+    its ordinary step is ``classify_image(streamed=False)``). ``stem_tile``, ``stem_depth``: stream the trunk's
+    leading children (default: a ResNet's stem and ``layer1``) over each tile's crop in sub-tiles of this side (None:
+    off). ``rows``: the streamed trunk stitches only the kept positions (StreamingCLAM always does, with
+    ``local_pool`` 1). ``image``: ``"memory"`` (the streamed step holds the whole uint8 image, as when a slide is read
+    whole) or ``"regions"`` (each tile's crop is made when asked, as read per tile from the slide file: the image is
+    never held whole).
     """
     if size <= 0 or tile <= 0:
         raise ConfigError("--size and --tile must be positive")
@@ -339,6 +392,8 @@ def run_streaming_bench(
     all_sizes = sorted({*(sizes or []), size})
     if not 0 < tissue <= 1:
         raise ConfigError("--tissue must be in (0, 1]")
+    if image not in ("memory", "regions"):
+        raise ConfigError(f"--image must be memory or regions, got {image!r}")
     base = {
         "arch": arch,
         "tile": tile,
@@ -348,6 +403,10 @@ def run_streaming_bench(
         "checkpoint": checkpoint,
         "fold": fold,
         "model": model,
+        "stem_tile": stem_tile,
+        "stem_depth": stem_depth,
+        "rows": rows,
+        "image": image,
     }
     if model not in ("trunk", "streamingclam"):
         raise ConfigError(f"--model must be trunk or streamingclam, got {model!r}")
@@ -441,7 +500,14 @@ def run_streaming_bench(
         "streamed_options": {
             "checkpoint_segments": checkpoint,
             "fold_batchnorm": fold,
-            "image": "uint8, preprocessed per tile",
+            "stem_tile": stem_tile,
+            "stem_depth": stem_depth,
+            "rows": rows or model == "streamingclam",
+            "image": (
+                "uint8 held whole, preprocessed per tile"
+                if image == "memory"
+                else "uint8 made per tile's crop, never held whole (as read per tile from the slide)"
+            ),
             "tissue": tissue,
         },
         "peak_mem_streamed_bytes": streamed_peak,
@@ -499,6 +565,14 @@ def streaming_command(argv: list[str]) -> int:
     parser.add_argument(
         "--model", type=str, default="trunk", choices=["trunk", "streamingclam"], help="what one step trains"
     )
+    parser.add_argument(
+        "--stem-tile", type=int, default=0, help="stream the stem and layer1 in sub-tiles of this side (0: off)"
+    )
+    parser.add_argument("--stem-depth", type=int, default=0, help="leading children sub-streamed (0: stem + layer1)")
+    parser.add_argument("--rows", action="store_true", help="stitch only the kept positions (the trunk model)")
+    parser.add_argument(
+        "--image", type=str, default="memory", choices=["memory", "regions"], help="image held whole or made per crop"
+    )
     ns = parser.parse_args(argv)
     sizes = [int(s) for s in ns.sizes.split(",") if s.strip()] if ns.sizes else None
     result = run_streaming_bench(
@@ -515,6 +589,10 @@ def streaming_command(argv: list[str]) -> int:
         fold=ns.fold,
         tissue=ns.tissue,
         model=ns.model,
+        stem_tile=ns.stem_tile or None,
+        stem_depth=ns.stem_depth or None,
+        rows=ns.rows,
+        image=ns.image,
     )
     mib = 1 / 2**20
     for r in result["runs"]:

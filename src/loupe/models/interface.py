@@ -58,11 +58,33 @@ class SlideBatch:
         return SlideBatch(self.thumbnails[idx], self.valid[idx], self.labels[idx], self.indices[idx], self.shapes)
 
 
+class ImageRegions(Protocol):
+    """A large image read region by region instead of held whole (e.g. straight from the slide file).
+
+    Streaming models (:class:`~loupe.models.streaming.StreamingTrunk`) read only the crop each tile needs, so host
+    memory holds one crop at a time instead of the whole image (12.9 GB of uint8 at 65,536²).
+    """
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(1, C, H, W) of the whole image."""
+        ...
+
+    def crop(self, rows: slice, cols: slice) -> Tensor:
+        """Pixels ``[rows, cols]`` (steps of 1, inside the image) as (1, C, h, w) uint8 (any memory format)."""
+        ...
+
+
+def read_crop(image: Tensor | ImageRegions, rows: slice, cols: slice) -> Tensor:
+    """``image[..., rows, cols]`` of a tensor or an :class:`ImageRegions` source."""
+    return image[..., rows, cols] if isinstance(image, Tensor) else image.crop(rows, cols)
+
+
 @dataclass(frozen=True)
 class WholeImage:
     """A slide's image at a model's magnification, cropped to whole grid cells (for models that see everything)."""
 
-    image: Tensor  # (1, 3, H, W) uint8, H = rows·p, W = cols·p (white beyond the slide's edge)
+    image: Tensor | ImageRegions  # (1, 3, H, W) uint8, H = rows·p, W = cols·p (white beyond the slide's edge)
     keep: Tensor  # (rows, cols) bool: the cells of the crop that are instances (tissue)
     box: tuple[int, int, int, int]  # (row0, col0, row1, col1) of the crop in the slide's grid
 

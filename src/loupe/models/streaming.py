@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loupe.errors import ConfigError
 from loupe.models.batchnorm_folding import fold_batchnorm
+from loupe.models.interface import ImageRegions, read_crop
 
 # Leaf modules that act position by position (given frozen normalisation).
 _POINTWISE: tuple[type[nn.Module], ...] = (
@@ -304,8 +305,13 @@ class StreamingTrunk(nn.Module):
     where the unfolded streamed step is within 2e-6 of the ordinary one). ``trim_context``: for an ``nn.Sequential``
     trunk, after each child cut the tile's activation down to what the owned outputs still need from the children
     after it (their own receptive field, at their alignment): the context a tile computes shrinks layer by layer
-    instead of spanning every layer (less work and memory per tile, the same result). The output is differentiable
-    w.r.t. the trunk's parameters (not the image).
+    instead of spanning every layer (less work and memory per tile, the same result). ``stem_tile``: for an
+    ``nn.Sequential`` trunk, stream its first ``stem_depth`` children (a ResNet's stem, whose 64-channel map at half
+    resolution is the largest activation by far, and its stride-4 blocks: :func:`resnet_stem_depth`) over each tile's
+    crop in sub-tiles of this many input pixels, so that only their output at a quarter of the resolution is ever
+    whole (most of a tile's peak memory otherwise; the same result, for more passes over the stem). The output is
+    differentiable w.r.t. the trunk's parameters (not the image). The image is a uint8 tensor or an
+    :class:`~loupe.models.interface.ImageRegions` source read crop by crop (never held whole).
     """
 
     def __init__(
@@ -317,6 +323,8 @@ class StreamingTrunk(nn.Module):
         in_channels: int = 3,
         fold_normalisation: bool = False,
         trim_context: bool = True,
+        stem_tile: int | None = None,
+        stem_depth: int = 1,
     ) -> None:
         super().__init__()
         self.features = _Features(trunk)
@@ -334,11 +342,36 @@ class StreamingTrunk(nn.Module):
         self._shapes: dict[tuple[int, int], tuple[int, int, int]] = {}
         self.trims = _trims(trunk, self.geometry, in_channels) if trim_context else []
         """Per child boundary of a Sequential trunk: (stride so far, geometry of the children after it) per axis."""
+        stem: StreamingTrunk | None = None
+        if stem_tile is not None:
+            if not isinstance(trunk, nn.Sequential) or not 0 < stem_depth < len(trunk):
+                raise ConfigError(
+                    f"stem_tile needs an nn.Sequential trunk of more than stem_depth ({stem_depth}) children "
+                    "(resnet_sequential)"
+                )
+            early = trunk[0] if stem_depth == 1 else nn.Sequential(*list(trunk)[:stem_depth])
+            stem = StreamingTrunk(
+                early,
+                stem_tile,
+                preprocess,
+                checkpoint_segments=checkpoint_segments and stem_depth > 1,
+                in_channels=in_channels,
+                fold_normalisation=fold_normalisation,
+            )
+        self.stem_depth = stem_depth
+        """How many leading children of a Sequential trunk are streamed in ``stem_tile`` sub-tiles."""
+        # Not registered as a submodule: it shares the stem's modules, which the trunk already registers.
+        object.__setattr__(self, "_stem", stem)
 
     @property
     def trunk(self) -> nn.Module:
         """The wrapped trunk."""
         return self.features.trunk
+
+    @property
+    def stem(self) -> StreamingTrunk | None:
+        """The engine that streams the leading ``stem_depth`` children in sub-tiles (None: not sub-streamed)."""
+        return cast("StreamingTrunk | None", self.__dict__["_stem"])
 
     def train(self, mode: bool = True) -> StreamingTrunk:
         """Set training mode; normalisation layers stay in eval mode (streaming needs them frozen)."""
@@ -373,9 +406,9 @@ class StreamingTrunk(nn.Module):
         """The trunk on one crop (preprocessed, on the trunk's device), without trimming: the whole crop's output."""
         return self._run(crop, self.compute_module() if module is None else module, None)
 
-    def run_tile(self, image: Tensor, tile: _Tile, module: nn.Module | None = None) -> Tensor:
+    def run_tile(self, image: Tensor | ImageRegions, tile: _Tile, module: nn.Module | None = None) -> Tensor:
         """The outputs ``tile`` owns, computed from its crop of ``image``: what streaming does per tile."""
-        crop = image[..., tile.crop_h, tile.crop_w]
+        crop = read_crop(image, tile.crop_h, tile.crop_w)
         net = self.compute_module() if module is None else module
         if not self.trims:
             return self._run(crop, net, None)[..., tile.own_h, tile.own_w]
@@ -386,14 +419,23 @@ class StreamingTrunk(nn.Module):
         param = next(self.features.parameters(), None)
         if param is not None:
             crop = crop.to(param.device, non_blocking=True)
-        x = self.preprocess(crop) if self.preprocess is not None else crop
         segments = self.checkpoint_segments and torch.is_grad_enabled()
-        if not segments and tile is None:
-            return net(x)
+        stem = self.stem
+        if stem is not None and max(crop.shape[-2:]) <= stem.tile_size:
+            stem = None  # one sub-tile: run the stem as it is
+        if not segments and tile is None and stem is None:
+            return net(self.preprocess(crop) if self.preprocess is not None else crop)
         assert isinstance(net, _Features) and isinstance(net.trunk, nn.Sequential)
         children = list(net.trunk)
         start = [tile.crop_h.start, tile.crop_w.start] if tile is not None else [0, 0]  # input pixels
-        for k, child in enumerate(children):
+        x = crop if stem is not None else self.preprocess(crop) if self.preprocess is not None else crop
+        first = 0
+        if stem is not None:  # preprocessed per sub-tile; its own recompute replaces the checkpoints
+            x, first = stem(x), self.stem_depth
+            if tile is not None and first - 1 < len(self.trims):
+                x = _trim(x, self.trims[first - 1], start, (tile.out_h, tile.out_w), True)
+        for k in range(first, len(children)):
+            child = children[k]
             x = checkpoint(child, x, use_reentrant=False) if segments else child(x)
             if tile is not None and k < len(self.trims):
                 # A copy lets the untrimmed activation be freed, unless the graph keeps it anyway (no checkpoints).
@@ -404,13 +446,15 @@ class StreamingTrunk(nn.Module):
         strides = self.geometry.h.stride, self.geometry.w.stride
         return x, (start[0] // strides[0], start[1] // strides[1])  # the output's first position, whole-map indices
 
-    def forward(self, image: Tensor, keep: Tensor | None = None) -> Tensor:
+    def forward(self, image: Tensor | ImageRegions, keep: Tensor | None = None, rows: bool = False) -> Tensor:
         """Feature map of ``image`` (1, C, H, W; any dtype ``preprocess`` accepts), zero where ``keep`` is False.
 
         ``keep``: optional bool mask (1, 1, h_out, w_out) at the output resolution; tiles whose owned outputs are
-        all False are skipped in both passes. The result equals ``trunk(preprocess(image)) * keep``.
+        all False are skipped in both passes. The result equals ``trunk(preprocess(image)) * keep``. ``rows``:
+        return only the kept positions' features, (n_kept, C) in row-major order (``fmap[0, :, keep].t()``): the
+        stitched result then grows with the tissue, not with the image's bounding box.
         """
-        if image.dim() != 4 or image.shape[0] != 1:
+        if len(image.shape) != 4 or image.shape[0] != 1:
             raise ConfigError(f"streaming takes one image of shape (1, C, H, W), got {tuple(image.shape)}")
         check_frozen_normalisation(self.features)
         channels, out_h, out_w = self.output_shape(int(image.shape[2]), int(image.shape[3]))
@@ -420,7 +464,7 @@ class StreamingTrunk(nn.Module):
             keep = keep.reshape(1, 1, out_h, out_w).bool()
         params = [p for p in self.features.parameters() if p.requires_grad]
         keep_graph = torch.is_grad_enabled() and bool(params)
-        return _StreamFunction.apply(self, image, keep, (channels, out_h, out_w), keep_graph, *params)
+        return _StreamFunction.apply(self, image, keep, (channels, out_h, out_w), keep_graph, rows, *params)
 
 
 _Trim = tuple[tuple[int, Geometry1D], tuple[int, Geometry1D]]
@@ -483,17 +527,20 @@ class _StreamFunction(torch.autograd.Function):
     def forward(
         ctx: Any,
         engine: StreamingTrunk,
-        image: Tensor,
+        image: Tensor | ImageRegions,
         keep: Tensor | None,
-        out_shape: tuple[int, ...],
+        out_shape: tuple[int, int, int],
         keep_graph: bool,
+        rows: bool,
         *params: Tensor,
     ) -> Tensor:
         param = next(engine.features.parameters(), None)
-        device = param.device if param is not None else image.device
-        ctx.engine, ctx.image, ctx.keep = engine, image, keep
+        device = param.device if param is not None else _device(image)
+        ctx.engine, ctx.image = engine, image
         ctx.autocast = (device.type, *_autocast_state(device.type))
         keep_dev = keep.to(device) if keep is not None else None
+        ctx.keep = keep_dev
+        ctx.index = _row_index(keep_dev, out_shape[1:], device) if rows else None
         net = engine.compute_module()
         tiles = engine.tiles(int(image.shape[2]), int(image.shape[3]))
         wanted = [
@@ -510,22 +557,27 @@ class _StreamFunction(torch.autograd.Function):
                 ctx.kept = (i, y)
                 y = y.detach()
             if out is None:
-                out = torch.zeros((1, *out_shape), dtype=y.dtype, device=device)
-            out[..., tile.out_h, tile.out_w] = y if keep_dev is None else y * keep_dev[..., tile.out_h, tile.out_w]
+                shape = (int(ctx.index.max()) + 1, out_shape[0]) if rows else (1, *out_shape)
+                out = torch.zeros(shape, dtype=y.dtype, device=device)
+            if rows:
+                sel, at = _tile_rows(ctx.index, tile)
+                out[at] = y[0].permute(1, 2, 0)[sel]
+            else:
+                out[..., tile.out_h, tile.out_w] = y if keep_dev is None else y * keep_dev[..., tile.out_h, tile.out_w]
             del y
         if out is None:  # every tile skipped
             dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
             if ctx.autocast[1]:
                 dtype = ctx.autocast[2]
-            out = torch.zeros((1, *out_shape), dtype=dtype, device=device)
+            out = torch.zeros((0, out_shape[0]) if rows else (1, *out_shape), dtype=dtype, device=device)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         engine: StreamingTrunk = ctx.engine
-        image, keep = ctx.image, ctx.keep
+        image, keep, index = ctx.image, ctx.keep, ctx.index
         kept: tuple[int, Tensor] | None = ctx.kept
-        ctx.engine = ctx.image = ctx.keep = ctx.kept = None
+        ctx.engine = ctx.image = ctx.keep = ctx.kept = ctx.index = None
         if keep is not None:
             keep = keep.to(grad.device)
         device_type, autocast_on, autocast_dtype = ctx.autocast
@@ -535,14 +587,23 @@ class _StreamFunction(torch.autograd.Function):
             order.remove(kept[0])
             order.insert(0, kept[0])
         net = engine.compute_module()
+        channels = int(grad.shape[1])
         for i in order:
             tile = tiles[i]
-            g = grad[..., tile.out_h, tile.out_w]
-            if keep is not None:
-                owned_keep = keep[..., tile.out_h, tile.out_w]
-                if not bool(owned_keep.any()):
+            if index is not None:
+                sel, at = _tile_rows(index, tile)
+                if not bool(sel.any()):
                     continue
-                g = g * owned_keep
+                g = grad.new_zeros((_length(tile.out_h), _length(tile.out_w), channels))
+                g[sel] = grad[at]
+                g = g.permute(2, 0, 1)[None]
+            else:
+                g = grad[..., tile.out_h, tile.out_w]
+                if keep is not None:
+                    owned_keep = keep[..., tile.out_h, tile.out_w]
+                    if not bool(owned_keep.any()):
+                        continue
+                    g = g * owned_keep
             if kept is not None and kept[0] == i:
                 y, kept = kept[1], None
             else:
@@ -554,7 +615,32 @@ class _StreamFunction(torch.autograd.Function):
                     y = engine.run_tile(image, tile, net)
             torch.autograd.backward(y, g.to(y.dtype))
             del y, g
-        return (None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+        return (None,) * len(ctx.needs_input_grad)
+
+
+def _device(image: Tensor | ImageRegions) -> torch.device:
+    return image.device if isinstance(image, Tensor) else torch.device("cpu")
+
+
+def _length(s: slice) -> int:
+    return int(s.stop) - int(s.start)
+
+
+def _row_index(keep: Tensor | None, size: tuple[int, int], device: torch.device) -> Tensor:
+    """(h, w) int64: each kept position's row in the stitched (n_kept, C) result (row-major), −1 elsewhere."""
+    if keep is None:
+        return torch.arange(size[0] * size[1], device=device).view(size)
+    flat = keep.reshape(size)
+    index = torch.full(size, -1, dtype=torch.long, device=device)
+    index[flat] = torch.arange(int(flat.sum()), device=device)
+    return index
+
+
+def _tile_rows(index: Tensor, tile: _Tile) -> tuple[Tensor, Tensor]:
+    """(owned block's kept mask (h, w), their rows in the stitched result)."""
+    block = index[tile.out_h, tile.out_w]
+    sel = block >= 0
+    return sel, block[sel]
 
 
 def resnet_sequential(model: nn.Module) -> nn.Sequential:
@@ -570,6 +656,12 @@ def resnet_sequential(model: nn.Module) -> nn.Sequential:
     stem = nn.Sequential(*(_module(model, name) for name in ("conv1", "bn1")), act, _module(model, "maxpool"))
     blocks = [block for name in needed[3:] for block in getattr(model, name)]
     return nn.Sequential(stem, *blocks)
+
+
+def resnet_stem_depth(model: nn.Module) -> int:
+    """The leading children of :func:`resnet_sequential` ``(model)`` that run at stride 4 or less: the stem and the
+    blocks of ``layer1`` (the largest activations of a tile, worth streaming in sub-tiles)."""
+    return 1 + len(cast(nn.Sequential, _module(model, "layer1")))
 
 
 def _module(parent: nn.Module, name: str) -> nn.Module:

@@ -21,14 +21,31 @@ from torch import Tensor, nn
 from loupe.errors import ConfigError
 from loupe.models.backbones import Backbone, forward_features
 from loupe.models.gated_attention import GatedAttention
-from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
-from loupe.models.streaming import StreamingTrunk, freeze_normalisation, output_shape, resnet_sequential
+from loupe.models.interface import (
+    ImageRegions,
+    InferenceSettings,
+    PixelSource,
+    SlideBatch,
+    SlideClassifier,
+    SlideOutput,
+    read_crop,
+)
+from loupe.models.streaming import (
+    StreamingTrunk,
+    freeze_normalisation,
+    output_shape,
+    resnet_sequential,
+    resnet_stem_depth,
+)
 
 if TYPE_CHECKING:
     from loupe.config import ModelConfig, StreamingCLAMConfig
 
 #: Training images whose average statistics calibrate a randomly initialised trunk's normalisation layers.
 CALIBRATION_IMAGES = 16
+#: Sub-tile side (input pixels) in which a ResNet stem is streamed over each tile's crop: its half-resolution,
+#: 64-channel activation is the largest of the trunk, and would otherwise set a tile's peak memory.
+STEM_TILE = 256
 
 
 class _Features(nn.Module):
@@ -48,7 +65,7 @@ class StreamingOutput:
 
     logits: Tensor  # (1, C)
     attention: Tensor  # (h, w) gated attention over the head's positions, 0 where not kept
-    features: Tensor  # (h*w, D) instance embeddings, row-major
+    features: Tensor  # (n_kept, D) embeddings of the kept positions (the instances), row-major
     keep: Tensor  # (h*w,) bool: the positions that are instances
 
 
@@ -60,7 +77,11 @@ class StreamingCLAM(SlideClassifier):
     ``checkpoint_segments`` (ResNet trunks): recompute each residual block in a tile's backward, less memory per tile
     for one more forward; off, a tile keeps all its activations (faster, so larger tiles pay off).
     ``fold_normalisation``: compute with the frozen BatchNorms folded into their convolutions (exact in real
-    arithmetic and faster, but further from the whole-image float32 gradients: off by default).
+    arithmetic and faster, but further from the whole-image float32 gradients: off by default). ``stem_tile``: a
+    ResNet stem (with ``stem_depth`` leading children; None: the stem and ``layer1``) is streamed over each tile's
+    crop in sub-tiles of this side (None: whole), see
+    :class:`~loupe.models.streaming.StreamingTrunk`. With ``local_pool`` 1 the streamed trunk stitches only the
+    kept (tissue) positions, so memory after the trunk follows the tissue, not its bounding box.
     """
 
     accumulates_slides = True
@@ -85,6 +106,8 @@ class StreamingCLAM(SlideClassifier):
         freeze_trunk: bool = False,
         checkpoint_segments: bool = True,
         fold_normalisation: bool = False,
+        stem_tile: int | None = STEM_TILE,
+        stem_depth: int | None = None,
     ) -> None:
         super().__init__()
         freeze_normalisation(backbone.net)
@@ -92,15 +115,18 @@ class StreamingCLAM(SlideClassifier):
         self.register_buffer("std", backbone.std.clone(), persistent=False)
         trunk: nn.Module
         try:  # a ResNet streams as stem + blocks, each a checkpoint segment: a tile keeps one block's activations
-            trunk, segments = resnet_sequential(backbone.net), checkpoint_segments
+            trunk, segments, stem = resnet_sequential(backbone.net), checkpoint_segments, stem_tile
+            depth = resnet_stem_depth(backbone.net) if stem_depth is None else stem_depth
         except ConfigError:
-            trunk, segments = _Features(backbone.net), False
+            trunk, segments, stem, depth = _Features(backbone.net), False, None, 1
         self.stream = StreamingTrunk(
             trunk,
             tile_size,
             preprocess=self.preprocess,
             checkpoint_segments=segments,
             fold_normalisation=fold_normalisation,
+            stem_tile=stem if stem is not None and stem < tile_size else None,
+            stem_depth=depth,
         )
         self.local_pool = int(local_pool)
         self.pool = nn.MaxPool2d(self.local_pool, ceil_mode=True) if self.local_pool > 1 else nn.Identity()
@@ -183,7 +209,8 @@ class StreamingCLAM(SlideClassifier):
         logits, attention, cells, losses = [], [], [], []
         for b, i in enumerate(batch.slides):
             whole = pixels.whole(i, valid[b])
-            out = self.classify_image(whole.image.to(device), whole.keep.to(device))
+            image = whole.image.to(device) if isinstance(whole.image, Tensor) else whole.image  # read per tile
+            out = self.classify_image(image, whole.keep.to(device))
             logits.append(out.logits)
             full = out.attention.new_zeros((rows, cols))
             r0, c0, r1, c1 = whole.box
@@ -217,7 +244,7 @@ class StreamingCLAM(SlideClassifier):
         for batch in batches:
             valid = batch.valid.cpu().numpy()
             for b, i in enumerate(batch.slides):
-                images.append(pixels.whole(i, valid[b]).image)
+                images.append(_centre(pixels.whole(i, valid[b]).image, self.stream.tile_size))
                 if len(images) >= CALIBRATION_IMAGES:
                     break
             if len(images) >= CALIBRATION_IMAGES:
@@ -229,8 +256,11 @@ class StreamingCLAM(SlideClassifier):
         only the head."""
         self.set_encoder_trainable(not self.freeze_trunk and epoch >= self.freeze_encoder_epochs)
 
-    def classify_image(self, image: Tensor, keep: Tensor | None = None, streamed: bool = True) -> StreamingOutput:
-        """Classify one image (1, 3, H, W), uint8 or float in [0, 1].
+    def classify_image(
+        self, image: Tensor | ImageRegions, keep: Tensor | None = None, streamed: bool = True
+    ) -> StreamingOutput:
+        """Classify one image (1, 3, H, W), uint8 or float in [0, 1] (or an :class:`ImageRegions` source, read per
+        tile when streamed).
 
         ``keep`` (h, w) bool marks the head's positions that are tissue (None: all); tiles of the trunk that
         feed no kept position are skipped. ``streamed=False`` runs the trunk on the whole image at once (the
@@ -244,8 +274,20 @@ class StreamingCLAM(SlideClassifier):
         if streamed:
             size = self.stream.output_shape(int(image.shape[-2]), int(image.shape[-1]))[1:]
             mask = None if trunk_keep is None else trunk_keep[: size[0], : size[1]][None, None]
+            if self.local_pool == 1:  # only the kept positions are stitched: (n_kept, D)
+                if keep is not None and tuple(keep.shape) != size:
+                    raise ValueError(f"keep mask {tuple(keep.shape)} does not match the feature map {size}")
+                feats = self.stream(image, mask, rows=True)
+                flat_keep = (
+                    torch.ones(size[0] * size[1], dtype=torch.bool, device=feats.device)
+                    if keep is None
+                    else keep.reshape(-1).to(feats.device)
+                )
+                return self._head(feats, flat_keep, size)
             fmap = self.stream(image, mask)
         else:
+            if not isinstance(image, Tensor):
+                raise ValueError("the whole-image reference (streamed=False) needs the image as a tensor")
             fmap = self.trunk(self.preprocess(image))
             if trunk_keep is not None:
                 fmap = fmap * trunk_keep[: fmap.shape[-2], : fmap.shape[-1]].to(fmap.dtype)
@@ -255,10 +297,14 @@ class StreamingCLAM(SlideClassifier):
             keep = torch.ones(h, w, dtype=torch.bool, device=fmap.device)
         elif tuple(keep.shape) != (h, w):
             raise ValueError(f"keep mask {tuple(keep.shape)} does not match the feature map ({h}, {w})")
-        feats = fmap[0].flatten(1).t()  # (h*w, D)
-        flat_keep = keep.reshape(-1).to(feats.device)
-        pooled, weights = self.attention(feats[None], flat_keep[None])
-        return StreamingOutput(self.classifier(pooled), weights[0].view(h, w), feats, flat_keep)
+        flat_keep = keep.reshape(-1).to(fmap.device)
+        return self._head(fmap[0].flatten(1).t()[flat_keep], flat_keep, (int(h), int(w)))
+
+    def _head(self, feats: Tensor, flat_keep: Tensor, size: tuple[int, int]) -> StreamingOutput:
+        """Gated attention over the kept positions' features (n_kept, D), then the classifier."""
+        pooled, weights = self.attention(feats[None])
+        attention = weights.new_zeros(size[0] * size[1]).masked_scatter(flat_keep, weights[0])
+        return StreamingOutput(self.classifier(pooled), attention.view(size), feats, flat_keep)
 
     def instance_loss(self, out: StreamingOutput, label: int) -> Tensor:
         """CLAM's instance-clustering loss: for the true class, the k most attended positions are positives and
@@ -271,7 +317,7 @@ class StreamingCLAM(SlideClassifier):
             return out.logits.new_zeros(())
         scores = out.attention.reshape(-1)[idx].detach()
         order = torch.argsort(scores, descending=True)
-        top, bottom = idx[order[:k]], idx[order[-k:]]
+        top, bottom = order[:k], order[-k:]  # rows of out.features
         losses = []
         for c, head in enumerate(self.instance_classifiers):
             if c == label:
@@ -288,6 +334,14 @@ class StreamingCLAM(SlideClassifier):
         scores = out.attention.reshape(-1).detach().masked_fill(~out.keep, -1.0)
         k = min(self.k if k is None else k, int(out.keep.sum()))
         return torch.topk(scores, k).indices if k > 0 else scores.new_zeros(0, dtype=torch.long)
+
+
+def _centre(image: Tensor | ImageRegions, side: int) -> Tensor:
+    """The centre ``side`` × ``side`` crop of an image (at most the image): what calibration looks at."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    rows, cols = slice(y0, min(h, y0 + side)), slice(x0, min(w, x0 + side))
+    return read_crop(image, rows, cols).clone()  # a copy: a view would keep the whole image alive
 
 
 def build_streamingclam(model_cfg: ModelConfig, cfg: StreamingCLAMConfig, n_classes: int) -> StreamingCLAM:
