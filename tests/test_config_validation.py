@@ -56,6 +56,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "streamingclam.instance_weight": ["1.5"],
     "streamingclam.freeze_encoder_epochs": ["-1"],
     "streamingclam.k": ["0"],
+    "streamingclam.max_image_in_memory_mb": ["-1"],
     "train.epochs": ["0"],
     "train.lr": ["-1", "0", "nan"],
     "train.weight_decay": ["-1"],

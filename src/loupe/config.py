@@ -186,6 +186,11 @@ class StreamingCLAMConfig:
     randomly initialised trunk (pretrained ones keep theirs)."""
     crop_to_tissue: bool = True
     """Stream only the bounding box of the tissue (with tissue detection on); the rest is glass."""
+    max_image_in_memory_mb: int = 2048
+    """Largest image (MB of uint8 RGB, after the tissue crop) read whole into host memory; a larger one is read
+    from the slide crop by crop as the streamed tiles need it (twice per step: the backward recomputes each tile),
+    through a cache of 1 GB of chunks, so host memory stays near that cache, not the image (12.9 GB at 65,536²).
+    0: always read per tile."""
     k: int = 5
     """Most attended positions listed as a slide's key cells in predict's outputs."""
     checkpoint_segments: bool = True
@@ -345,6 +350,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "streamingclam.instance_weight": FRACTION,
     "streamingclam.freeze_encoder_epochs": NON_NEGATIVE_INT,
     "streamingclam.k": POSITIVE_INT,
+    "streamingclam.max_image_in_memory_mb": NON_NEGATIVE_INT,
     "train.epochs": POSITIVE_INT,
     "train.lr": POSITIVE,
     "train.weight_decay": NON_NEGATIVE,

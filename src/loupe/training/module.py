@@ -12,7 +12,9 @@ follow the same figure on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -24,12 +26,14 @@ from torch import Tensor
 
 from loupe.config import TrainConfig
 from loupe.data.catalog import SlideFailures, run_dropping_failed
+from loupe.errors import SlideReadError
 from loupe.models.interface import (
     InferenceSettings,
     PixelSource,
     SlideBatch,
     SlideClassifier,
     SlideOutput,
+    WholeImage,
     magnification_totals,
 )
 from loupe.models.runtime import Runtime
@@ -70,12 +74,19 @@ class SlideClassifierModule(L.LightningModule):
         parameters' strides (converted later, every channels-last gradient would be copied into its bucket)."""
         self.runtime.prepare(self.model, move=False)
 
-    def run(self, batch: SlideBatch, inference: InferenceSettings | None, labels: Tensor | None) -> SlideOutput:
-        """The model on one batch, in the run's memory format and autocast (the one place both are applied)."""
+    def run(
+        self,
+        batch: SlideBatch,
+        inference: InferenceSettings | None,
+        labels: Tensor | None,
+        pixels: PixelSource | None = None,
+    ) -> SlideOutput:
+        """The model on one batch, in the run's memory format and autocast (the one place both are applied);
+        ``pixels`` replaces the module's source for this call."""
         runtime = Runtime(self.device, self.runtime.precision, self.runtime.channels_last)
         runtime.prepare(self.model, move=False)
         with runtime.autocast():
-            return self.model(batch, self.pixels, inference, labels)
+            return self.model(batch, pixels if pixels is not None else self.pixels, inference, labels)
 
     def _log_step(self, prefix: str, out: SlideOutput, labels: Tensor, **kw: Any) -> Tensor:
         assert out.loss is not None
@@ -116,12 +127,14 @@ class SlideClassifierModule(L.LightningModule):
         with getattr(self.trainer.strategy, "block_backward_sync", nullcontext)():
             for b in range(n):  # one slide at a time: only one slide's activations live at once
                 one = batch.select([b])
-                ran = run_dropping_failed(one, lambda s: self.run(s, None, s.labels), self.failures, self._when())
+                watch = _RegionWatch(self.pixels)
+                ran = run_dropping_failed(one, partial(self._train_run, pixels=watch), self.failures, self._when())
                 if ran is None:  # unreadable: skipped (its gradient is no rank's; the averaging allows for that)
                     continue
                 out = ran[1]
                 assert out.loss is not None
-                self.manual_backward(out.loss.sum() / n)
+                if not self._backward_slide(out.loss.sum() / n, one.slides[0], watch.regions):
+                    continue  # failed in its backward: skipped like a slide failing in its forward
                 outs.append(SlideOutput(out.logits.detach(), out.attention.detach(), out.cells, out.loss.detach()))
         average_gradients(self.parameters())
         opt.step()
@@ -137,6 +150,32 @@ class SlideClassifierModule(L.LightningModule):
         )
         self._log_step("train", merged, batch.labels, on_step=False, sync_dist=True)
         return None
+
+    def _train_run(self, batch: SlideBatch, pixels: PixelSource | None = None) -> SlideOutput:
+        """The training forward of ``batch`` (with its labels), reading through ``pixels`` when given."""
+        return self.run(batch, None, batch.labels, pixels)
+
+    def _backward_slide(self, loss: Tensor, slide: int, reads_pixels: bool) -> bool:
+        """Back-propagate one slide's ``loss`` into the gradients accumulated so far; False when the slide failed
+        to read meanwhile. An image read per tile (``reads_pixels``) is read again in the backward (each tile is
+        recomputed there), and a read can fail after some tiles' gradients have been added: the trainable
+        gradients are then put back as they were before this slide, and the slide is counted as failed. The copy
+        this takes (one of the trainable gradients) is made only for such images and only when failures are
+        tolerated; otherwise a failure raises as before."""
+        if not reads_pixels or self.failures is None:
+            self.manual_backward(loss)
+            return True
+        saved = _save_gradients(self.parameters())
+        try:
+            self.manual_backward(loss)
+        except SlideReadError as err:
+            if err.index != slide:
+                raise
+            _restore_gradients(saved)
+            del saved
+            self.failures.add(slide, str(err), f"{self._when()} (backward)")
+            return False
+        return True
 
     def _when(self) -> str:
         return f"epoch {self.current_epoch}, training"
@@ -215,3 +254,41 @@ class SlideClassifierModule(L.LightningModule):
             opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_acc", "interval": "epoch"}}
+
+
+_Gradients = list[tuple[torch.nn.Parameter, Tensor | None]]
+
+
+def _save_gradients(params: Iterable[torch.nn.Parameter]) -> _Gradients:
+    """A copy of every trainable parameter's gradient (None where it has none yet)."""
+    return [(p, None if p.grad is None else p.grad.clone()) for p in params if p.requires_grad]
+
+
+def _restore_gradients(saved: _Gradients) -> None:
+    """Put back the gradients :func:`_save_gradients` copied (in place: a gradient may be a view into a DDP
+    bucket)."""
+    for p, grad in saved:
+        if grad is None:
+            p.grad = None
+        elif p.grad is not None:
+            p.grad.copy_(grad)
+        else:
+            p.grad = grad
+
+
+class _RegionWatch:
+    """A pixel source passing reads through to ``pixels`` and noting whether a whole image came as regions (read
+    per tile, so also in the backward pass) rather than a tensor held in memory."""
+
+    def __init__(self, pixels: PixelSource) -> None:
+        self.pixels = pixels
+        self.regions = False
+        self.embeddings = getattr(pixels, "embeddings", None)  # models reading cached embeddings still find them
+
+    def cells(self, slides: Sequence[int], cells: Tensor) -> Tensor:
+        return self.pixels.cells(slides, cells)
+
+    def whole(self, slide: int, valid: np.ndarray | None) -> WholeImage:
+        whole = self.pixels.whole(slide, valid)
+        self.regions |= not isinstance(whole.image, Tensor)
+        return whole

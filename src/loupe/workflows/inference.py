@@ -109,8 +109,9 @@ def infer(
 
 def make_pixels(catalog: SlideCatalog, cfg: Config, model: SlideClassifier | None = None) -> SlidePixels:
     """The pixel source of a run over ``catalog``: ``data.read_threads`` threads; whole images cropped to the
-    tissue's box when StreamingCLAM asks for it and tissue detection is on; with ``model`` whose patch network is
-    frozen (and ``data.embedding_cache``), an embedding cache keyed by that network's exact weights."""
+    tissue's box when StreamingCLAM asks for it and tissue detection is on, and read per tile when larger than
+    ``streamingclam.max_image_in_memory_mb``; with ``model`` whose patch network is frozen (and
+    ``data.embedding_cache``), an embedding cache keyed by that network's exact weights."""
     crop = cfg.streamingclam.crop_to_tissue and cfg.data.tissue
     embeddings = None
     patch_net = getattr(model, "patch_net", None)
@@ -120,4 +121,10 @@ def make_pixels(catalog: SlideCatalog, cfg: Config, model: SlideClassifier | Non
         runtime = runtime_of(cfg)
         key = f"{encoder_key(patch_net)}-{runtime.precision}-{runtime.device.type}"
         embeddings = EmbeddingCache(catalog, key, root)
-    return SlidePixels(catalog, cfg.data.read_threads, crop_to_tissue=crop, embeddings=embeddings)
+    return SlidePixels(
+        catalog,
+        cfg.data.read_threads,
+        crop_to_tissue=crop,
+        embeddings=embeddings,
+        max_image_mb=cfg.streamingclam.max_image_in_memory_mb,
+    )
