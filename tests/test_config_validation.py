@@ -57,6 +57,8 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "streamingclam.freeze_encoder_epochs": ["-1"],
     "streamingclam.k": ["0"],
     "streamingclam.max_image_in_memory_mb": ["-1"],
+    "streamingclam.stem_tile": ["-1"],
+    "streamingclam.stem_depth": ["0"],
     "train.epochs": ["0"],
     "train.lr": ["-1", "0", "nan"],
     "train.weight_decay": ["-1"],

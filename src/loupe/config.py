@@ -198,8 +198,18 @@ class StreamingCLAMConfig:
     per tile. Off, with large tiles, a step costs least time (1.7× the ordinary step at 4096² in 2048-px tiles)."""
     fold_normalisation: bool = False
     """Compute with the frozen BatchNorms folded into their convolutions: exact in real arithmetic, about 5% less
-    time and a third less memory per tile; off by default because in float32 it moved one ResNet-34 weight
-    gradient by 2e-4 relative (the unfolded streamed step stays within 2e-6 of the ordinary one)."""
+    time and a third less memory per tile; off by default because in float32 its activations differ from the
+    unfolded ones by rounding (1e-6), which flips a few max-pool choices (3 of 4.2 million at 1024²) and so moves
+    single weight gradients by up to 5e-4 relative (the unfolded streamed step stays within 2e-6 of the ordinary
+    one)."""
+    stem_tile: int = 512
+    """Stream the trunk's first ``stem_depth`` children (a ResNet's stem: a 64-channel map at half resolution, the
+    largest activation of a tile) over each tile's crop in sub-tiles of this side: the same result, a fraction of
+    a tile's peak memory, a few % more time. 0: off."""
+    stem_depth: int = 1
+    """How many leading children of the ResNet trunk (stem, then its residual blocks in order) are sub-streamed
+    with ``stem_tile``: 1 the stem; 4 the stem and layer1 of a ResNet-34 (8 with layer2), less memory again for
+    more time (``loupe bench streaming --stem-depth``)."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +361,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "streamingclam.freeze_encoder_epochs": NON_NEGATIVE_INT,
     "streamingclam.k": POSITIVE_INT,
     "streamingclam.max_image_in_memory_mb": NON_NEGATIVE_INT,
+    "streamingclam.stem_tile": NON_NEGATIVE_INT,
+    "streamingclam.stem_depth": POSITIVE_INT,
     "train.epochs": POSITIVE_INT,
     "train.lr": POSITIVE,
     "train.weight_decay": NON_NEGATIVE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from loupe.bench.streaming import streaming_command, tissue_mask
 
@@ -50,3 +51,33 @@ def test_tissue_mask_covers_the_asked_fraction():
         assert mask is not None and mask.shape == (1, 1, 256, 256)
         assert abs(float(mask.float().mean()) - fraction) < 0.01
         assert mask[0, 0, 128, 128] and not mask[0, 0, 0, 0]
+
+
+@pytest.mark.slow  # ~30 s: two steps, each in a fresh process, and the gradient comparison
+def test_streaming_bench_options_per_crop_image_kept_rows_and_sub_streamed_stem(tmp_path):
+    """The memory levers are recorded with the figures, the image made per crop is never held (0 image bytes), and
+    the gradient comparison runs through the same options (kept rows, sub-streamed stem)."""
+    out = tmp_path / "bench"
+    argv = ["--size", "256", "--tile", "128", "--out", str(out), "--arch", "resnet18", "--grad-size", "256"]
+    argv += ["--stem-tile", "64", "--stem-depth", "3", "--rows", "--image", "regions", "--tissue", "0.5"]
+    assert streaming_command(argv) == 0
+    data = json.loads((out / "streaming.json").read_text())
+    options = data["streamed_options"]
+    assert (options["stem_tile"], options["stem_depth"], options["rows"], options["tissue"]) == (64, 3, True, 0.5)
+    assert "never held whole" in options["image"]
+    streamed, ordinary = data["runs"]
+    assert streamed["image_bytes"] == 0 and ordinary["image_bytes"] == 3 * 256 * 256
+    assert data["time_ratio"] is None  # tissue below 1: the streamed step computes less than the ordinary one
+    assert 0 <= data["max_rel_grad_diff"] < 1e-4 and data["grad_diff_tiles"] == 4
+
+
+def test_the_image_made_per_crop_is_the_whole_image_s_pixels():
+    from loupe.bench.streaming import HashedImage, _image
+
+    whole = _image(96, seed=3)
+    regions = HashedImage(96, seed=3)
+    assert regions.shape == tuple(whole.shape)
+    assert torch.equal(regions.crop(slice(10, 50), slice(33, 96)), whole[..., 10:50, 33:96])
+    assert not torch.equal(whole, _image(96, seed=4))
+    counts = torch.bincount(whole.flatten().long(), minlength=256)
+    assert counts.min() > 0 and counts.max() < 3 * counts.float().mean()  # noise over every grey level

@@ -110,6 +110,14 @@ def test_the_streaming_settings_reach_the_engine(segments: bool, fold: bool):
     model = build_streamingclam(model_cfg, cfg, 2)
     assert model.stream.checkpoint_segments is segments
     assert model.stream.fold_normalisation is fold
+    assert model.stream.stem is None  # the default stem sub-tile (512) is not below the tile: nothing to sub-stream
+    sub = build_streamingclam(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=128, stem_depth=3), 2)
+    assert sub.stream.stem is not None and sub.stream.stem.tile_size == 128 and sub.stream.stem_depth == 3
+    assert sub.stream.stem.fold_normalisation is fold
+    off = build_streamingclam(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=0), 2)
+    assert off.stream.stem is None
+    with pytest.raises(ConfigError, match="stem_tile 130"):  # not a multiple of the stem's stride (4)
+        build_streamingclam(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=130), 2)
 
 
 def test_the_grid_cell_is_derived_from_the_trunk_and_local_pool():
@@ -161,3 +169,46 @@ def test_the_interface_forward_maps_each_crop_onto_the_slide_grid_with_its_loss(
     assert torch.all(out.cells >= 5)  # the most attended cells, in slide-grid indices
     assert out.loss is not None and out.loss.shape == (2,)
     torch.testing.assert_close(out.loss[1], model.loss(alone, 2))
+
+
+class _Regions:
+    """An image read crop by crop (as :class:`~loupe.data.whole_image.SlideRegions` reads a large slide)."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image = image
+        self.reads = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (1, 3, int(self.image.shape[2]), int(self.image.shape[3]))
+
+    def crop(self, rows: slice, cols: slice) -> torch.Tensor:
+        self.reads += 1
+        return self.image[..., rows, cols].clone()
+
+
+@pytest.mark.parametrize("stem_depth", [1, 3])
+def test_sub_streamed_stem_kept_rows_and_an_image_read_per_crop_equal_the_whole_image(stem_depth):
+    """The memory levers together (a ResNet-18's stem, or stem + layer1, in 32-px sub-tiles; only the kept positions
+    stitched; the image read crop by crop): logits, attention and every gradient equal the whole-image step."""
+    model = _model("resnet18", tile=96, stem_tile=32, stem_depth=stem_depth)
+    assert model.stream.stem is not None and model.stream.stem_depth == stem_depth
+    image = torch.randint(0, 256, (1, 3, 250, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    keep = torch.rand(8, 7, generator=torch.Generator().manual_seed(2)) > 0.4
+    regions = _Regions(image)
+    outs, grads = [], []
+    for source, streamed in ((regions, True), (image, False)):
+        model.zero_grad()
+        out = model.classify_image(source, keep, streamed=streamed)
+        model.loss(out, 1).backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert regions.reads > len(model.stream.tiles(250, 200))  # read per tile, in the forward and the backward
+    assert outs[0].features.shape == (int(keep.sum()), 512)  # only the kept positions were stitched
+    assert torch.allclose(outs[0].logits, outs[1].logits, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(outs[0].attention, outs[1].attention, rtol=1e-9, atol=1e-12)
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("stream.") for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-9, atol=1e-12), n
+    with pytest.raises(ValueError, match="needs the image as a tensor"):
+        model.classify_image(regions, keep, streamed=False)

@@ -134,7 +134,7 @@ def _preprocess(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
 def _stream(trunk: nn.Module, spec: dict) -> Any:
     """The streaming engine over a ResNet trunk (stem + blocks, so context is trimmed per block) with ``spec``'s
     options."""
-    from loupe.models.streaming import StreamingTrunk, resnet_sequential, resnet_stem_depth
+    from loupe.models.streaming import StreamingTrunk, resnet_sequential
 
     stem_tile = spec.get("stem_tile")
     return StreamingTrunk(
@@ -144,7 +144,7 @@ def _stream(trunk: nn.Module, spec: dict) -> Any:
         checkpoint_segments=spec.get("checkpoint", False),
         fold_normalisation=spec.get("fold", False),
         stem_tile=stem_tile if stem_tile and stem_tile < spec["tile"] else None,
-        stem_depth=spec.get("stem_depth") or resnet_stem_depth(trunk),
+        stem_depth=spec.get("stem_depth") or 1,
     )
 
 
@@ -199,7 +199,7 @@ def _build_clam(spec: dict) -> Any:
         checkpoint_segments=spec.get("checkpoint", False),
         fold_normalisation=spec.get("fold", False),
         stem_tile=spec.get("stem_tile") or None,
-        stem_depth=spec.get("stem_depth"),
+        stem_depth=spec.get("stem_depth") or 1,
     )
     return model.to(device=spec["device"], dtype=getattr(torch, spec["dtype"])).train()
 
@@ -380,7 +380,7 @@ def run_streaming_bench(
     the streamed steps (see the module docstring). ``model``: ``"trunk"`` (the ResNet trunk and a gated-attention
     head) or ``"streamingclam"`` (:class:`~loupe.models.streamingclam.StreamingCLAM` itself, with its instance loss;
     its ordinary step is ``classify_image(streamed=False)``). ``stem_tile``, ``stem_depth``: stream the trunk's
-    leading children (default: a ResNet's stem and ``layer1``) over each tile's crop in sub-tiles of this side (None:
+    ``stem_depth`` leading children (None: 1, a ResNet's stem) over each tile's crop in sub-tiles of this side (None:
     off). ``rows``: the streamed trunk stitches only the kept positions (StreamingCLAM always does, with
     ``local_pool`` 1). ``image``: ``"memory"`` (the streamed step holds the whole uint8 image, as when a slide is read
     whole) or ``"regions"`` (each tile's crop is made when asked, as read per tile from the slide file: the image is
@@ -565,10 +565,10 @@ def streaming_command(argv: list[str]) -> int:
     parser.add_argument(
         "--model", type=str, default="trunk", choices=["trunk", "streamingclam"], help="what one step trains"
     )
+    parser.add_argument("--stem-tile", type=int, default=0, help="stream the stem in sub-tiles of this side (0: off)")
     parser.add_argument(
-        "--stem-tile", type=int, default=0, help="stream the stem and layer1 in sub-tiles of this side (0: off)"
+        "--stem-depth", type=int, default=1, help="leading children sub-streamed: 1 the stem, 4 + layer1, 8 + layer2"
     )
-    parser.add_argument("--stem-depth", type=int, default=0, help="leading children sub-streamed (0: stem + layer1)")
     parser.add_argument("--rows", action="store_true", help="stitch only the kept positions (the trunk model)")
     parser.add_argument(
         "--image", type=str, default="memory", choices=["memory", "regions"], help="image held whole or made per crop"

@@ -350,14 +350,17 @@ class StreamingTrunk(nn.Module):
                     "(resnet_sequential)"
                 )
             early = trunk[0] if stem_depth == 1 else nn.Sequential(*list(trunk)[:stem_depth])
-            stem = StreamingTrunk(
-                early,
-                stem_tile,
-                preprocess,
-                checkpoint_segments=checkpoint_segments and stem_depth > 1,
-                in_channels=in_channels,
-                fold_normalisation=fold_normalisation,
-            )
+            try:
+                stem = StreamingTrunk(
+                    early,
+                    stem_tile,
+                    preprocess,
+                    checkpoint_segments=checkpoint_segments and stem_depth > 1,
+                    in_channels=in_channels,
+                    fold_normalisation=fold_normalisation,
+                )
+            except ConfigError as err:
+                raise ConfigError(f"stem_tile {stem_tile} (stem_depth {stem_depth}): {err}") from err
         self.stem_depth = stem_depth
         """How many leading children of a Sequential trunk are streamed in ``stem_tile`` sub-tiles."""
         # Not registered as a submodule: it shares the stem's modules, which the trunk already registers.

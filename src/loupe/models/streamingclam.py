@@ -35,7 +35,6 @@ from loupe.models.streaming import (
     freeze_normalisation,
     output_shape,
     resnet_sequential,
-    resnet_stem_depth,
 )
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
 CALIBRATION_IMAGES = 16
 #: Sub-tile side (input pixels) in which a ResNet stem is streamed over each tile's crop: its half-resolution,
 #: 64-channel activation is the largest of the trunk, and would otherwise set a tile's peak memory.
-STEM_TILE = 256
+STEM_TILE = 512
 
 
 class _Features(nn.Module):
@@ -78,8 +77,8 @@ class StreamingCLAM(SlideClassifier):
     for one more forward; off, a tile keeps all its activations (faster, so larger tiles pay off).
     ``fold_normalisation``: compute with the frozen BatchNorms folded into their convolutions (exact in real
     arithmetic and faster, but further from the whole-image float32 gradients: off by default). ``stem_tile``: a
-    ResNet stem (with ``stem_depth`` leading children; None: the stem and ``layer1``) is streamed over each tile's
-    crop in sub-tiles of this side (None: whole), see
+    ResNet stem (with ``stem_depth`` leading children: 1 the stem, :func:`~loupe.models.streaming.resnet_stem_depth`
+    the stem and ``layer1``) is streamed over each tile's crop in sub-tiles of this side (None: whole), see
     :class:`~loupe.models.streaming.StreamingTrunk`. With ``local_pool`` 1 the streamed trunk stitches only the
     kept (tissue) positions, so memory after the trunk follows the tissue, not its bounding box.
     """
@@ -107,7 +106,7 @@ class StreamingCLAM(SlideClassifier):
         checkpoint_segments: bool = True,
         fold_normalisation: bool = False,
         stem_tile: int | None = STEM_TILE,
-        stem_depth: int | None = None,
+        stem_depth: int = 1,
     ) -> None:
         super().__init__()
         freeze_normalisation(backbone.net)
@@ -116,7 +115,7 @@ class StreamingCLAM(SlideClassifier):
         trunk: nn.Module
         try:  # a ResNet streams as stem + blocks, each a checkpoint segment: a tile keeps one block's activations
             trunk, segments, stem = resnet_sequential(backbone.net), checkpoint_segments, stem_tile
-            depth = resnet_stem_depth(backbone.net) if stem_depth is None else stem_depth
+            depth = stem_depth
         except ConfigError:
             trunk, segments, stem, depth = _Features(backbone.net), False, None, 1
         self.stream = StreamingTrunk(
@@ -368,6 +367,8 @@ def build_streamingclam(model_cfg: ModelConfig, cfg: StreamingCLAMConfig, n_clas
         freeze_trunk=model_cfg.freeze_patch_backbone,
         checkpoint_segments=cfg.checkpoint_segments,
         fold_normalisation=cfg.fold_normalisation,
+        stem_tile=cfg.stem_tile or None,
+        stem_depth=cfg.stem_depth,
     )
 
 
