@@ -187,6 +187,7 @@ class _Regions:
         return self.image[..., rows, cols].clone()
 
 
+@pytest.mark.slow  # ~10 s for both: a ResNet-18 streamed in float64, sub-tiles of sub-tiles
 @pytest.mark.parametrize("stem_depth", [1, 3])
 def test_sub_streamed_stem_kept_rows_and_an_image_read_per_crop_equal_the_whole_image(stem_depth):
     """The memory levers together (a ResNet-18's stem, or stem + layer1, in 32-px sub-tiles; only the kept positions
