@@ -74,10 +74,11 @@ def test_streaming_bench_options_per_crop_image_kept_rows_and_sub_streamed_stem(
 def test_the_image_made_per_crop_is_the_whole_image_s_pixels():
     from loupe.bench.streaming import HashedImage, _image
 
-    whole = _image(96, seed=3)
-    regions = HashedImage(96, seed=3)
+    whole = _image(300, seed=3)  # made in bands of 256 rows: one crop spans the seam
+    regions = HashedImage(300, seed=3)
     assert regions.shape == tuple(whole.shape)
     assert torch.equal(regions.crop(slice(10, 50), slice(33, 96)), whole[..., 10:50, 33:96])
-    assert not torch.equal(whole, _image(96, seed=4))
+    assert torch.equal(regions.crop(slice(240, 300), slice(0, 300)), whole[..., 240:300, :])
+    assert not torch.equal(whole, _image(300, seed=4))
     counts = torch.bincount(whole.flatten().long(), minlength=256)
     assert counts.min() > 0 and counts.max() < 3 * counts.float().mean()  # noise over every grey level

@@ -118,8 +118,13 @@ class HashedImage:
 
 
 def _image(size: int, seed: int) -> Tensor:
-    """The bench's image, whole (the same pixels as :class:`HashedImage`)."""
-    return _pixels(slice(0, size), slice(0, size), seed)
+    """The bench's image, whole (the same pixels as :class:`HashedImage`), made in bands of rows so that the hash's
+    int64 temporaries stay small (a whole 16384² at once would take 6 GiB of them)."""
+    image = torch.empty((1, 3, size, size), dtype=torch.uint8)
+    for y in range(0, size, 256):
+        rows = slice(y, min(size, y + 256))
+        image[..., rows, :] = _pixels(rows, slice(0, size), seed)
+    return image
 
 
 def _preprocess(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:

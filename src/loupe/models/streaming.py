@@ -427,11 +427,11 @@ class StreamingTrunk(nn.Module):
         if stem is not None and max(crop.shape[-2:]) <= stem.tile_size:
             stem = None  # one sub-tile: run the stem as it is
         if not segments and tile is None and stem is None:
-            return net(self.preprocess(crop) if self.preprocess is not None else crop)
+            return net(self._preprocessed(crop))
         assert isinstance(net, _Features) and isinstance(net.trunk, nn.Sequential)
         children = list(net.trunk)
         start = [tile.crop_h.start, tile.crop_w.start] if tile is not None else [0, 0]  # input pixels
-        x = crop if stem is not None else self.preprocess(crop) if self.preprocess is not None else crop
+        x = crop if stem is not None else self._preprocessed(crop)
         first = 0
         if stem is not None:  # preprocessed per sub-tile; its own recompute replaces the checkpoints
             x, first = stem(x), self.stem_depth
@@ -448,6 +448,9 @@ class StreamingTrunk(nn.Module):
             return x
         strides = self.geometry.h.stride, self.geometry.w.stride
         return x, (start[0] // strides[0], start[1] // strides[1])  # the output's first position, whole-map indices
+
+    def _preprocessed(self, crop: Tensor) -> Tensor:
+        return self.preprocess(crop) if self.preprocess is not None else crop
 
     def forward(self, image: Tensor | ImageRegions, keep: Tensor | None = None, rows: bool = False) -> Tensor:
         """Feature map of ``image`` (1, C, H, W; any dtype ``preprocess`` accepts), zero where ``keep`` is False.

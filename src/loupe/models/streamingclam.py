@@ -174,11 +174,8 @@ class StreamingCLAM(SlideClassifier):
             m.train()
         n = 0
         for image in images:
-            crop = image
-            if max_side is not None:  # the centre: a slide's tissue box is often glass at its corners
-                y0 = max(0, (image.shape[-2] - max_side) // 2)
-                x0 = max(0, (image.shape[-1] - max_side) // 2)
-                crop = image[..., y0 : y0 + max_side, x0 : x0 + max_side]
+            # The centre: a slide's tissue box is often glass at its corners.
+            crop = image if max_side is None else centre_crop(image, max_side)
             self.trunk(self.preprocess(crop.to(self.mean.device)))
             n += 1
         for m, momentum in zip(norms, momenta, strict=True):
@@ -243,7 +240,7 @@ class StreamingCLAM(SlideClassifier):
         for batch in batches:
             valid = batch.valid.cpu().numpy()
             for b, i in enumerate(batch.slides):
-                images.append(_centre(pixels.whole(i, valid[b]).image, self.stream.tile_size))
+                images.append(centre_crop(pixels.whole(i, valid[b]).image, self.stream.tile_size))
                 if len(images) >= CALIBRATION_IMAGES:
                     break
             if len(images) >= CALIBRATION_IMAGES:
@@ -335,8 +332,8 @@ class StreamingCLAM(SlideClassifier):
         return torch.topk(scores, k).indices if k > 0 else scores.new_zeros(0, dtype=torch.long)
 
 
-def _centre(image: Tensor | ImageRegions, side: int) -> Tensor:
-    """The centre ``side`` × ``side`` crop of an image (at most the image): what calibration looks at."""
+def centre_crop(image: Tensor | ImageRegions, side: int) -> Tensor:
+    """A copy of the centre ``side`` × ``side`` crop of an image (at most the image): what calibration looks at."""
     h, w = int(image.shape[-2]), int(image.shape[-1])
     y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
     rows, cols = slice(y0, min(h, y0 + side)), slice(x0, min(w, x0 + side))
