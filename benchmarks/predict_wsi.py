@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from loupe.data.synthetic_wsi import make_pyramidal_slide
+from loupe.datasets.synthetic_wsi import make_pyramidal_slide
 from loupe.reports.io import write_json, write_text
 from loupe.workflows.prediction import TIMING_STEPS, predict
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.training.checkpoint_io import RESUMES_FILE, is_complete
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from loupe.cli import main
-from loupe.data.synthetic import write_tiff
+from loupe.datasets.synthetic import write_tiff
 
 PRESETS = Path(__file__).resolve().parents[1] / "src" / "loupe" / "configs"
 

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loupe"
 
 #: What each part may import (besides itself). Read from the bottom: errors/atomic/ranks, slides, config, models,
-#: data/reports, training, workflows, bench, then the command line.
+#: data/reports, datasets (generators and importers over data), training, workflows, bench, then the command line.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "atomic": set(),
@@ -20,11 +20,24 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"errors", "config"},
     "reports": {"errors", "atomic", "slides"},
     "data": {"errors", "atomic", "ranks", "slides", "config", "models"},
+    "datasets": {"errors", "atomic", "slides", "data"},
     "training": {"errors", "atomic", "ranks", "config", "models", "data"},
-    "workflows": {"errors", "atomic", "ranks", "slides", "config", "models", "data", "reports", "training"},
-    "bench": {"errors", "atomic", "slides", "config", "models", "data", "reports", "training", "workflows"},
+    "workflows": {"errors", "atomic", "ranks", "slides", "config", "models", "data", "datasets", "reports", "training"},
+    "bench": {"errors", "atomic", "slides", "config", "models", "data", "datasets", "reports", "training", "workflows"},
     "console": set(),
-    "cli": {"__version__", "errors", "ranks", "config", "console", "slides", "models", "data", "workflows", "bench"},
+    "cli": {
+        "__version__",
+        "errors",
+        "ranks",
+        "config",
+        "console",
+        "slides",
+        "models",
+        "data",
+        "datasets",
+        "workflows",
+        "bench",
+    },
     "__main__": {"cli"},
 }
 #: Imports allowed only inside functions (never at module level): config's validators read the lower layers'

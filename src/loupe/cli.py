@@ -130,7 +130,7 @@ def _export_parser(prog: str) -> ArgumentParser:
 
 
 def _import_bach_parser(prog: str) -> ArgumentParser:
-    from loupe.data.bach import BACH_MPP
+    from loupe.datasets.bach import BACH_MPP
 
     parser = _parser(prog)
     parser.add_argument("root", help="the BACH dataset root (or its Photos folder)")
@@ -247,7 +247,7 @@ def _export(ns: Namespace, args: list[str]) -> int:
 
 
 def _import_bach(ns: Namespace, args: list[str]) -> int:
-    from loupe.data.bach import import_bach
+    from loupe.datasets.bach import import_bach
 
     manifest = import_bach(
         ns.root,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from loupe.data.catalog import SlideCatalog
 from loupe.data.manifest import SlideRecord, load_manifest
-from loupe.data.synthetic import SyntheticSpec, generate_dataset, write_tiff
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset, write_tiff
 from loupe.errors import LoupeError, SlideError
 
 SPEC = SyntheticSpec(image_size=128, splits={"train": 4, "val": 2, "test": 2})

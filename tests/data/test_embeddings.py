@@ -17,7 +17,7 @@ from loupe.data import embeddings as embeddings_module
 from loupe.data.catalog import SlideCatalog
 from loupe.data.embeddings import EmbeddingCache, encoder_key
 from loupe.data.manifest import load_manifest
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.models import create_backbone
 
 SPEC = SyntheticSpec(image_size=128, splits={"train": 3})

@@ -11,7 +11,7 @@ import torch
 from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import CellReader, ShapeBatchSampler, ThumbnailDataset, make_loader
 from loupe.data.manifest import load_manifest
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.models import SlideBatch
 from loupe.slides import open_slide
 

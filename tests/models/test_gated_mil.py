@@ -126,7 +126,7 @@ def test_joint_settings_are_refused_for_gated_mil():
 @pytest.mark.slow
 def test_gated_mil_trains_evaluates_and_predicts_maps_through_the_workflows(tmp_path: Path):
     from loupe.config import load_config
-    from loupe.data.synthetic import SyntheticSpec, generate_dataset
+    from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
     from loupe.workflows.evaluation import evaluate
     from loupe.workflows.prediction import predict
     from loupe.workflows.training import train

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 
 PRESETS = Path(__file__).resolve().parents[2] / "src" / "loupe" / "configs"
 DEMO = PRESETS / "demo.yaml"
@@ -90,7 +90,7 @@ def no_traceback(proc: subprocess.CompletedProcess) -> None:
 def pyramidal_slide(path: Path, seed: int) -> Path:
     """A 256×256 Aperio-style SVS at 0.5 µm/px (the demo slides' size and resolution) with 64 px JPEG tiles and
     three levels, so that the thumbnail comes from level 2 and 20x patches from level 0."""
-    from loupe.data.synthetic_wsi import make_pyramidal_slide
+    from loupe.datasets.synthetic_wsi import make_pyramidal_slide
 
     return make_pyramidal_slide(path, 256, 256, mpp=0.5, tile=64, levels=3, seed=seed, workers=1).path
 

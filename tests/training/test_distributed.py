@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.ranks import world
 from loupe.training.distributed import average_gradients, gather_rows
 

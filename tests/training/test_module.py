@@ -14,7 +14,7 @@ from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import load_manifest
 from loupe.data.pixels import SlidePixels
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.models import InferenceSettings, SlideBatch, build_model
 from loupe.models.runtime import Runtime
 from loupe.training.module import SlideClassifierModule

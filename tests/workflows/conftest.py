@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loupe.config import load_config
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 
 PRESETS = Path(__file__).resolve().parents[2] / "src" / "loupe" / "configs"
 SMALL = SyntheticSpec(labels=("5x", "10x", "20x"), splits={"train": 8, "val": 4, "test": 4}, seed=3)

@@ -12,7 +12,7 @@ import torch
 
 from loupe.cli import main
 from loupe.config import Config
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.workflows.demo import demo_config
 from loupe.workflows.evaluation import evaluate
 from loupe.workflows.training import train

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loupe.config import Config, DataConfig, ModelConfig, StreamingCLAMConfig, TrainConfig
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 
 # The demo's slides with the class planted at the lowest magnification (`loupe demo --signal-magnification lowest`),
 # fewer of them, streamed whole at that magnification: 256×256 at 0.5 µm/px → 64×64 at 5x, 4×4 positions of the

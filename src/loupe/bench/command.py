@@ -166,7 +166,7 @@ def run_accuracy(
 
     out = Path(out)
     if config is None:
-        from loupe.data.synthetic import SyntheticSpec, generate_dataset
+        from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
         from loupe.workflows.common import magnifications_of
         from loupe.workflows.demo import demo_config
 

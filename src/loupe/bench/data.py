@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from loupe.config import Config, DataConfig, JointConfig, ModelConfig, TrainConfig
-from loupe.data.synthetic import write_tiff
+from loupe.datasets.synthetic import write_tiff
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class SparseTask:
 
 def _synthetic_task(evidence: float) -> Callable[[Path], tuple[Config, str, float]]:
     def build(folder: Path) -> tuple[Config, str, float]:
-        from loupe.data.synthetic import generate_dataset, sparse_spec
+        from loupe.datasets.synthetic import generate_dataset, sparse_spec
         from loupe.workflows.common import magnifications_of
         from loupe.workflows.demo import demo_config
 
@@ -63,7 +63,7 @@ def _synthetic_task(evidence: float) -> Callable[[Path], tuple[Config, str, floa
 
 
 def _mnist_task(folder: Path) -> tuple[Config, str, float]:
-    from loupe.data.megapixel_mnist import MegapixelMNISTSpec, generate_dataset
+    from loupe.datasets.megapixel_mnist import MegapixelMNISTSpec, generate_dataset
     from loupe.workflows.demo import demo_config
 
     spec = MegapixelMNISTSpec(image_size=MNIST_SIZE, patch_size=MNIST_PATCH, splits=dict(MNIST_SPLITS))

@@ -181,7 +181,7 @@ def measure(name: str, slide: Path, s: Settings, out: Path) -> dict[str, Any]:
 
 def run_wsi_bench(*, out: str | Path, settings: Settings = Settings(), log: Callable[[str], None] = print) -> dict:
     """Generate the slides (reused when present), measure both pipelines on each; write bench.json/bench.md."""
-    from loupe.data.synthetic_wsi import make_pyramidal_slide
+    from loupe.datasets.synthetic_wsi import make_pyramidal_slide
 
     out = Path(out)
     rows: list[dict[str, Any]] = []

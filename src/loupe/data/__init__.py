@@ -1,10 +1,10 @@
-"""Manifests, splits, the synthetic slide generator, and feeding slides to the model."""
+"""The pipeline's data: manifests, splits, catalogs, and feeding slides to the model (datasets that loupe makes or
+imports are in :mod:`loupe.datasets`)."""
 
 from loupe.data.catalog import SlideCatalog, SlideProblem
 from loupe.data.loading import CellReader, ShapeBatchSampler, ThumbnailDataset, make_loader
 from loupe.data.manifest import Manifest, SlideRecord, load_manifest, manifest_from_paths, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
 
 __all__ = [
     "CellReader",
@@ -13,10 +13,8 @@ __all__ = [
     "SlideCatalog",
     "SlideProblem",
     "SlideRecord",
-    "SyntheticSpec",
     "ThumbnailDataset",
     "assign_splits",
-    "generate_dataset",
     "group_kfold",
     "load_manifest",
     "make_loader",

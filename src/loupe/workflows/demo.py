@@ -10,7 +10,7 @@ from typing import Any
 
 from loupe.config import Config, load_config
 from loupe.data.manifest import load_manifest
-from loupe.data.synthetic import SyntheticSpec, generate_dataset
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.reports import write_json, write_text
 from loupe.workflows.common import magnifications_of
 from loupe.workflows.evaluation import evaluate

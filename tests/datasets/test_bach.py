@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loupe.data.bach import (
+from loupe.datasets.bach import (
     BACH_CLASSES,
     BACH_MPP,
     GROUND_TRUTH_NAME,

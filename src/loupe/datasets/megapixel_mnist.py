@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from loupe.atomic import write_text
-from loupe.data.synthetic import write_tiff
+from loupe.datasets.synthetic import write_tiff
 from loupe.errors import ConfigError, LoupeError
 
 CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))

@@ -19,9 +19,9 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from loupe.data import megapixel_mnist
+from loupe.datasets import megapixel_mnist
 from loupe.data.manifest import load_manifest
-from loupe.data.megapixel_mnist import (
+from loupe.datasets.megapixel_mnist import (
     CLASSES,
     INSTALL_HINT,
     MegapixelMNISTSpec,
@@ -31,7 +31,7 @@ from loupe.data.megapixel_mnist import (
     render_image,
     render_scribbles,
 )
-from loupe.data.synthetic import write_tiff
+from loupe.datasets.synthetic import write_tiff
 from loupe.errors import ConfigError, LoupeError
 from loupe.slides import open_slide
 from loupe.slides.grid import build_grid

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from loupe.data.synthetic_wsi import GLASS, SyntheticWSI, auto_levels, make_pyramidal_slide, write_pyramidal_slide
+from loupe.datasets.synthetic_wsi import GLASS, SyntheticWSI, auto_levels, make_pyramidal_slide, write_pyramidal_slide
 from loupe.slides import open_slide
 from loupe.slides.tissue import detect_tissue
 

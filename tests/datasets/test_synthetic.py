@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loupe.data.manifest import load_manifest
-from loupe.data.synthetic import CLASSES, SyntheticSpec, generate_dataset, magnification_views, render_image
+from loupe.datasets.synthetic import CLASSES, SyntheticSpec, generate_dataset, magnification_views, render_image
 from loupe.slides import open_slide
 
 SMALL = SyntheticSpec(image_size=128, splits={"train": 4, "val": 2, "test": 2})
@@ -119,7 +119,7 @@ def test_generate_dataset_is_deterministic_and_reuses_its_files(tmp_path):
 
 @pytest.mark.parametrize(("evidence", "size"), [(0.01, 320), (0.005, 480), (0.02, 256)])
 def test_sparse_spec_sizes_the_image_so_that_one_cell_is_the_evidence(evidence: float, size: int):
-    from loupe.data.synthetic import sparse_spec
+    from loupe.datasets.synthetic import sparse_spec
 
     spec = sparse_spec(evidence)
     assert spec.image_size == size and spec.lesion_cells(spec.signal_index()) == 1
@@ -131,7 +131,7 @@ def test_sparse_spec_sizes_the_image_so_that_one_cell_is_the_evidence(evidence: 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_decoys_look_like_evidence_at_other_magnifications_but_carry_no_label(seed: int):
-    from loupe.data.synthetic import sparse_spec
+    from loupe.datasets.synthetic import sparse_spec
 
     spec = sparse_spec(0.01, distractors=2)
     h0, v0 = _pair(spec, seed)
@@ -150,7 +150,7 @@ def test_decoys_look_like_evidence_at_other_magnifications_but_carry_no_label(se
 
 
 def test_dataset_json_records_the_evidence_fraction(tmp_path):
-    from loupe.data.synthetic import sparse_spec
+    from loupe.datasets.synthetic import sparse_spec
 
     spec = sparse_spec(0.01, splits={"train": 2, "val": 1, "test": 1})
     generate_dataset(tmp_path, spec)
