@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loupe.cli import main
-from loupe.config import _SECTION_TYPES, RULES, SECTIONS, Config, load_config
+from loupe.config import RULES, SECTION_TYPES, SECTIONS, Config, load_config
 
 PRESETS = Path(__file__).resolve().parents[1] / "src" / "loupe" / "configs"
 DEMO = PRESETS / "demo.yaml"
@@ -29,8 +29,9 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "data.val_fraction": ["-0.1", "1"],
     "data.test_fraction": ["1.2"],
     "data.max_failed_fraction": ["-0.01", "1.5", "nan"],
+    "model.architecture": ["transmil"],
     "model.magnifications": ["[]"],
-    "model.patch_backbone": ["no_such_net"],
+    "model.patch_backbone": ["no_such_net", " "],
     "model.patch_pretrained": ["/no/such/weights.pth"],
     "model.classifier_dropout": ["1", "-0.5"],
     "joint.patch_size": ["0", "-3", "4"],
@@ -77,13 +78,13 @@ ARCH_OF = {"joint": "joint", "gated_mil": "gated_mil", "streamingclam": "streami
 
 
 def _every_key() -> list[str]:
-    return [f"{name}.{f.name}" for name, kind in _SECTION_TYPES.items() for f in dataclasses.fields(kind)]
+    return [f"{name}.{f.name}" for name, kind in SECTION_TYPES.items() for f in dataclasses.fields(kind)]
 
 
 def _wrong_type(key: str) -> str | None:
     """A value of the wrong type for ``key`` (None: every string is of its type, e.g. a name)."""
     section, name = key.split(".")
-    hints = typing.get_type_hints(_SECTION_TYPES[section])
+    hints = typing.get_type_hints(SECTION_TYPES[section])
     kind = hints[name]
     args = typing.get_args(kind)
     if kind is bool or kind == (bool | None):
@@ -159,7 +160,7 @@ def test_wrong_typed_values_give_one_message(capsys, tmp_path: Path, key: str):
         (["--train.lr", "-1"], ["train.lr=-1", "> 0"]),
         (["--joint.patch_size", "0"], ["joint.patch_size=0"]),
         (["--joint.k", "x"], ["joint.k=x", "an integer"]),
-        (["--model.architecture", "transmil"], ["model.architecture=transmil", "joint, gated_mil, streamingclam"]),
+        (["--model.architecture", "transmil"], ["model.architecture='transmil'", "joint, gated_mil, streamingclam"]),
         (["--data.fold", "5", "--data.folds", "5"], ["data.fold=5", "[0, 5)"]),
         (["--data.val_fraction", "0.6", "--data.test_fraction", "0.5"], ["data.val_fraction + data.test_fraction"]),
     ],
@@ -225,13 +226,23 @@ def test_a_printed_config_trains_as_it_was_printed(capsys, tmp_path: Path):
 
 
 def test_registry_encoders_take_weights_from_a_file_and_are_not_streamed():
-    from loupe.config import ModelConfig
+    """Checked by the models layer, which knows the networks, before anything is built or read."""
+    from loupe.config import JointConfig, ModelConfig
     from loupe.errors import ConfigError
+    from loupe.models import build_model, check_config
 
     with pytest.raises(ConfigError, match="never downloads"):
-        Config(model=ModelConfig(patch_backbone="uni", patch_pretrained=True))
+        check_config(Config(model=ModelConfig(patch_backbone="uni", patch_pretrained=True)))
+    with pytest.raises(ConfigError, match=r"joint\.thumbnail_pretrained.*never downloads"):
+        check_config(Config(joint=JointConfig(thumbnail_backbone="conch", thumbnail_pretrained=True)))
+    streamed = Config(model=ModelConfig(architecture="streamingclam", magnifications=["0.5"], patch_backbone="uni"))
     with pytest.raises(ConfigError, match="streams a convolutional trunk"):
-        Config(model=ModelConfig(architecture="streamingclam", magnifications=["0.5"], patch_backbone="uni"))
+        check_config(streamed)
+    with pytest.raises(ConfigError, match="streams a convolutional trunk"):
+        build_model(streamed, 2)  # building checks first
+    with pytest.raises(ConfigError, match=r"model\.patch_backbone='no_such_net'"):
+        check_config(Config(model=ModelConfig(patch_backbone="no_such_net")))
+    assert check_config(Config()) == Config()
 
 
 def test_a_registry_thumbnail_network_fits_the_attention_to_its_feature_map():

@@ -148,12 +148,13 @@ def _import_bach_parser(prog: str) -> ArgumentParser:
 
 def _train(ns: Namespace, args: list[str]) -> int:
     from loupe.config import config_from_namespace, parse_arguments
+    from loupe.models import check_config
     from loupe.ranks import is_first_process
     from loupe.workflows.training import train
 
     parser = _train_parser("loupe train")
     given = parse_arguments(parser, args, defaults=False)
-    cfg = config_from_namespace(parser, ns, given)
+    cfg = check_config(config_from_namespace(parser, ns, given))
     run = train(cfg, out=ns.out)
     if is_first_process():  # of a DDP run, whose every process ends here
         print(f"run folder: {run}")

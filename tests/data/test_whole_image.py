@@ -217,6 +217,8 @@ class _Whole:
     def __init__(self, reader: WholeImageReader) -> None:
         self.reader = reader
 
+    embeddings = None  # the pixel source interface: no cached embeddings
+
     def cells(self, slides, cells):
         raise AssertionError("StreamingCLAM reads whole images")
 

@@ -18,6 +18,9 @@ from loupe.models import (
     split_by_magnification,
 )
 
+#: The paper's model: one draw from P itself per step, without loupe's discovery aids (the defaults switch them on).
+PAPER = {"uniform_mix": 0.0, "train_draws": 1, "novelty": 0.0, "novelty_epochs": 0, "magnification_aware": False}
+
 SHAPES = ((1, 1), (2, 2), (3, 4))  # 1 + 4 + 12 = 17 cells
 N_CELLS = 17
 PATCH = 8
@@ -66,7 +69,9 @@ def _model(
         h = create_backbone(backbone)
         f = create_backbone(backbone)
     a = AttentionNetwork(h.num_features, len(SHAPES), normalisation)
-    return JointAttentionSampler(h, f, a, n_classes=4, k=k, replace=replace, attention_dropout=attention_dropout)
+    return JointAttentionSampler(
+        h, f, a, n_classes=4, k=k, replace=replace, attention_dropout=attention_dropout, **PAPER
+    )
 
 
 def _thumbs(b: int = 2) -> Tensor:
@@ -267,6 +272,8 @@ class CellPixels:
         self.reader = RecordingReader()
         self.slides: list[list[int]] = []
 
+    embeddings = None  # the pixel source interface: no cached embeddings
+
     def cells(self, slides, cells: Tensor) -> Tensor:
         self.slides.append(list(slides))
         return self.reader(cells)
@@ -394,7 +401,9 @@ def test_magnification_maps_start_as_identity_and_apply_to_their_own_magnificati
     torch.manual_seed(0)
     h = Backbone(Probe(), 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     f = Backbone(Probe(), 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    aware = JointAttentionSampler(h, f, AttentionNetwork(8, len(SHAPES)), n_classes=4, k=3, magnification_aware=True)
+    aware = JointAttentionSampler(
+        h, f, AttentionNetwork(8, len(SHAPES)), n_classes=4, k=3, **(PAPER | {"magnification_aware": True})
+    )
     aware.load_state_dict(plain.state_dict(), strict=False)
     assert aware.magnification_maps is not None and len(aware.magnification_maps) == len(SHAPES)
     aware.eval(), plain.eval()

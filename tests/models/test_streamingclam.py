@@ -13,7 +13,7 @@ from loupe.errors import ConfigError
 from loupe.models import SlideBatch, architecture
 from loupe.models.backbones import create_backbone
 from loupe.models.interface import WholeImage
-from loupe.models.streamingclam import StreamingCLAM, build_streamingclam, cell_size
+from loupe.models.streamingclam import StreamingCLAM, cell_size
 
 PRESET = Path(__file__).resolve().parents[2] / "src" / "loupe" / "configs" / "camelyon16_streamingclam.yaml"
 
@@ -97,7 +97,7 @@ def test_instance_loss_pulls_top_and_bottom_positions_apart():
 def test_the_camelyon16_preset_builds_a_resnet34():
     cfg = load_config(PRESET)
     model_cfg = dataclasses.replace(cfg.model, patch_pretrained=False)
-    model = build_streamingclam(model_cfg, cfg.streamingclam, 2)
+    model = StreamingCLAM.from_settings(model_cfg, cfg.streamingclam, 2)
     assert model.stream.output_shape(4096, 4096) == (512, 128, 128)
     assert model.instance_classifiers is not None and len(model.instance_classifiers) == 2
     assert model.k == 16 and model.calibrate is True  # random weights here: calibrated before training
@@ -107,17 +107,19 @@ def test_the_camelyon16_preset_builds_a_resnet34():
 def test_the_streaming_settings_reach_the_engine(segments: bool, fold: bool):
     model_cfg = ModelConfig(architecture="streamingclam", magnifications=["0.5"], patch_backbone="resnet18")
     cfg = StreamingCLAMConfig(tile_size=256, checkpoint_segments=segments, fold_normalisation=fold)
-    model = build_streamingclam(model_cfg, cfg, 2)
+    model = StreamingCLAM.from_settings(model_cfg, cfg, 2)
     assert model.stream.checkpoint_segments is segments
     assert model.stream.fold_normalisation is fold
     assert model.stream.stem is None  # the default stem sub-tile (512) is not below the tile: nothing to sub-stream
-    sub = build_streamingclam(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=128, stem_depth=3), 2)
+    sub = StreamingCLAM.from_settings(
+        model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=128, stem_depth=3), 2
+    )
     assert sub.stream.stem is not None and sub.stream.stem.tile_size == 128 and sub.stream.stem_depth == 3
     assert sub.stream.stem.fold_normalisation is fold
-    off = build_streamingclam(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=0), 2)
+    off = StreamingCLAM.from_settings(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=0), 2)
     assert off.stream.stem is None
     with pytest.raises(ConfigError, match="stem_tile 130"):  # not a multiple of the stem's stride (4)
-        build_streamingclam(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=130), 2)
+        StreamingCLAM.from_settings(model_cfg, dataclasses.replace(cfg, tile_size=1024, stem_tile=130), 2)
 
 
 def test_the_grid_cell_is_derived_from_the_trunk_and_local_pool():
@@ -138,6 +140,8 @@ class WholePixels:
     def __init__(self) -> None:
         gen = torch.Generator().manual_seed(2)
         self.images = {i: torch.randint(0, 256, (1, 3, 48, 80), dtype=torch.uint8, generator=gen) for i in (4, 6)}
+
+    embeddings = None  # the pixel source interface: no cached embeddings
 
     def cells(self, slides, cells):
         raise AssertionError("StreamingCLAM reads whole images")

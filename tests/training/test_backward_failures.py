@@ -65,6 +65,8 @@ class Pixels:
     def __init__(self, fail_at: dict[int, int] | None = None, in_memory: bool = False) -> None:
         self.fail_at, self.in_memory = fail_at or {}, in_memory
 
+    embeddings = None  # the pixel source interface: no cached embeddings
+
     def cells(self, slides: Any, cells: Tensor) -> Tensor:
         raise AssertionError("whole images only")
 

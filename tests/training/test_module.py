@@ -32,6 +32,8 @@ class Reader:
     def __init__(self) -> None:
         self.calls: list[tuple[list[int], torch.Tensor]] = []
 
+    embeddings = None  # the pixel source interface: no cached embeddings
+
     def cells(self, indices, cells):
         self.calls.append((list(indices), cells.clone()))
         gen = torch.Generator().manual_seed(int(cells.sum()))
@@ -205,6 +207,8 @@ def test_streamingclam_inference_runs_under_the_run_autocast():
     model = build_model(cfg, 2)
 
     class Whole:
+        embeddings = None  # the pixel source interface: no cached embeddings
+
         def cells(self, slides, cells):
             raise AssertionError
 

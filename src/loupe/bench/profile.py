@@ -80,6 +80,7 @@ class TimedPixels:
 
     def __init__(self, pixels: PixelSource, clock: PartClock, name: str = "patch_reading") -> None:
         self.pixels, self.clock, self.name = pixels, clock, name
+        self.embeddings = pixels.embeddings  # a frozen encoder's cached embeddings are still found
 
     def cells(self, slides: Sequence[int], cells: Tensor) -> Tensor:
         start = self.clock.now()

@@ -9,8 +9,16 @@ from loupe.models.estimators import (
     expectation_without_replacement,
     sample_cells,
 )
-from loupe.models.factory import ARCHITECTURES, architecture, build_model, resolve_inference
+from loupe.models.factory import (
+    ARCHITECTURES,
+    ArchitectureEntry,
+    architecture,
+    build_model,
+    check_config,
+    resolve_inference,
+)
 from loupe.models.interface import (
+    EmbeddingStore,
     InferenceSettings,
     PixelSource,
     SlideBatch,
@@ -24,8 +32,10 @@ from loupe.models.joint import JointAttentionSampler
 
 __all__ = [
     "ARCHITECTURES",
+    "ArchitectureEntry",
     "AttentionNetwork",
     "Backbone",
+    "EmbeddingStore",
     "InferenceSettings",
     "JointAttentionSampler",
     "PixelSource",
@@ -37,6 +47,7 @@ __all__ = [
     "architecture",
     "attention_dropout",
     "build_model",
+    "check_config",
     "create_backbone",
     "entropy_regulariser",
     "exact_expectation",

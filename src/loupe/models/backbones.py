@@ -123,3 +123,17 @@ def forward_features(net: nn.Module, x: Tensor) -> Tensor:
     """``net.forward_features(x)``: the spatial feature map of a timm model (or :class:`TinyCNN`)."""
     out: Tensor = net.forward_features(x)  # type: ignore[operator]  # timm's method, not typed on nn.Module
     return out
+
+
+def is_backbone(name: str) -> bool:
+    """Whether ``name`` is a network :func:`create_backbone` can build: a tiny CNN, a registry encoder or a timm
+    model (what ``model.patch_backbone`` and ``joint.thumbnail_backbone`` accept)."""
+    if not isinstance(name, str) or not name.strip():
+        return False
+    from loupe.models.encoders import ENCODERS
+
+    if name in TINY or name in ENCODERS:
+        return True
+    import timm
+
+    return bool(timm.is_model(name))

@@ -1,122 +1,143 @@
-"""The architecture registry: a name (``model.architecture``) → how its model is built from a run's settings and
-what its slides' grids look like. Adding an architecture is one module (a :class:`SlideClassifier`), one settings
-section in :mod:`loupe.config` and one entry here."""
+"""The architecture registry: a name (``model.architecture``) → its settings section, how its model is built from
+them, what its slides' grids look like and what it reads. Everything outside an architecture's own module asks its
+entry here, never its name.
+
+Adding an architecture is one module (a :class:`SlideClassifier` with ``from_settings``), its settings section
+(:mod:`loupe.config.architectures`, a field of :class:`~loupe.config.Config`) and one entry in
+:data:`ARCHITECTURES`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
-from loupe.config import INFERENCE_MODES, Config
+from loupe.config import (
+    INFERENCE_MODES,
+    SECTIONS,
+    ArchitectureSettings,
+    Config,
+    GatedMILConfig,
+    JointConfig,
+    StreamingCLAMConfig,
+)
 from loupe.errors import ConfigError
+from loupe.models.gated_mil import GatedAttentionMIL
 from loupe.models.interface import InferenceSettings, SlideClassifier
+from loupe.models.joint import JointAttentionSampler, inference_settings
+from loupe.models.streamingclam import StreamingCLAM, cell_size
+
+#: A network a model builds from the settings: (setting prefix, e.g. "model.patch", backbone name, pretrained).
+Network = tuple[str, str, bool | str]
 
 
 @dataclass(frozen=True)
-class ArchitectureEntry:
-    """How one architecture is built and read."""
+class WholeImageReading:
+    """How a whole-image architecture's images are read (see :class:`loupe.data.pixels.SlidePixels`)."""
 
-    build: Callable[[Config, int], SlideClassifier]
-    """The model of a config, fitted to a number of classes (random or configured pretrained weights)."""
-    cell_size: Callable[[Config], int]
-    """Side of one grid cell in pixels at its magnification (the patch, or one position of a whole-image model)."""
-    thumbnail_size: Callable[[Config], tuple[int, int]]
-    """(width, height) of the thumbnails the catalog prepares for it."""
-    inference: Callable[[Config], InferenceSettings]
-    """Its default inference settings (evaluate, predict, validation)."""
-    inference_modes: tuple[str, ...] = ("exhaustive",)
-    """The ``--inference`` modes it accepts (the others do not apply: it always reads every patch)."""
+    crop_to_tissue: bool
+    """Only the bounding box of the tissue (when tissue detection is on)."""
+    max_image_mb: int
+    """Largest image held whole in host memory; larger ones are read region by region."""
+
+
+def _patch_network(cfg: Config) -> list[Network]:
+    return [("model.patch", cfg.model.patch_backbone, cfg.model.patch_pretrained)]
+
+
+def _unchanged(cfg: Config, state_dict: Mapping[str, Any]) -> Config:
+    return cfg
 
 
 #: Thumbnails prepared for architectures that do not look at them (they are cached, cheap and small).
 UNUSED_THUMBNAIL = (96, 96)
 
 
-def _build_joint(cfg: Config, n_classes: int) -> SlideClassifier:
-    from loupe.models.attention import AttentionNetwork
-    from loupe.models.backbones import create_backbone
-    from loupe.models.joint import JointAttentionSampler
+@dataclass(frozen=True)
+class ArchitectureEntry:
+    """What the rest of loupe asks of one architecture."""
 
-    j = cfg.joint
-    h = create_backbone(j.thumbnail_backbone, j.thumbnail_pretrained)
-    f = create_backbone(cfg.model.patch_backbone, cfg.model.patch_pretrained)
-    attention = AttentionNetwork(
-        h.map_channels, len(cfg.model.magnifications), j.normalisation, j.balance_magnifications
-    )
-    return JointAttentionSampler(
-        h,
-        f,
-        attention,
-        n_classes,
-        k=j.k,
-        replace=j.replace,
-        uniform_mix=j.uniform_mix,
-        train_draws=j.train_draws,
-        novelty_epochs=j.novelty_epochs,
-        novelty=j.novelty,
-        magnification_aware=j.magnification_aware,
-        attention_dropout=j.attention_dropout,
-        classifier_dropout=cfg.model.classifier_dropout,
-        estimator=j.estimator,
-        entropy_alpha=j.entropy_alpha,
-        inference=_joint_inference(cfg),
-        freeze_patch_net=cfg.model.freeze_patch_backbone,
-    )
+    settings: type[ArchitectureSettings]
+    """Its settings section (the ``model.architecture`` value is the section's ``name``)."""
+    build: Callable[[Config, int], SlideClassifier]
+    """The model of a config, fitted to a number of classes (random or configured pretrained weights)."""
+    cell_size: Callable[[Config], int]
+    """Side of one grid cell in pixels at its magnification (the patch, or one position of a whole-image model)."""
+    inference: Callable[[Config], InferenceSettings]
+    """Its default inference settings (evaluate, predict, validation)."""
+    thumbnail_size: Callable[[Config], tuple[int, int]] = lambda cfg: UNUSED_THUMBNAIL
+    """(width, height) of the thumbnails the catalog prepares for it."""
+    inference_modes: tuple[str, ...] = ("exhaustive",)
+    """The ``--inference`` modes it accepts (only ``exhaustive``: it always reads every patch)."""
+    samples: bool = False
+    """Averages several samples at inference (``--samples`` applies)."""
+    k: bool = False
+    """Has a number of cells read or reported (``--k`` applies)."""
+    networks: Callable[[Config], list[Network]] = _patch_network
+    """The networks it builds from the settings, each with the settings that name it and its weights."""
+    streams_trunk: bool = False
+    """Streams a convolutional trunk over the whole image (so takes no vision transformer)."""
+    whole_image: Callable[[Config], WholeImageReading] | None = None
+    """How its whole images are read, when it reads whole images (instead of patches)."""
+    migrate_checkpoint: Callable[[Config, Mapping[str, Any]], Config] = _unchanged
+    """The settings an older checkpoint of it was trained with, from its weights (e.g. a part added since)."""
 
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
-def _joint_inference(cfg: Config) -> InferenceSettings:
-    return InferenceSettings(cfg.joint.inference, cfg.joint.inference_samples, cfg.joint.k)
-
-
-def _build_gated_mil(cfg: Config, n_classes: int) -> SlideClassifier:
-    from loupe.models.backbones import create_backbone
-    from loupe.models.gated_mil import GatedAttentionMIL
-
-    f = create_backbone(cfg.model.patch_backbone, cfg.model.patch_pretrained)
-    g = cfg.gated_mil
-    return GatedAttentionMIL(
-        f,
-        n_classes,
-        hidden=g.attention_hidden,
-        attention_dropout=g.attention_dropout,
-        classifier_dropout=cfg.model.classifier_dropout,
-        freeze_patch_net=cfg.model.freeze_patch_backbone,
-    )
+    @property
+    def reads_one_magnification(self) -> bool:
+        return self.settings.one_magnification
 
 
-def _build_streamingclam(cfg: Config, n_classes: int) -> SlideClassifier:
-    from loupe.models.streamingclam import build_streamingclam
-
-    return build_streamingclam(cfg.model, cfg.streamingclam, n_classes)
-
-
-def _streamingclam_cell(cfg: Config) -> int:
-    from loupe.models.streamingclam import cell_size
-
-    return cell_size(cfg.model, cfg.streamingclam)
+def _joint_without_maps(cfg: Config, state_dict: Mapping[str, Any]) -> Config:
+    """A joint model trained before per-magnification maps existed (earlier loupe runs) loads without them."""
+    if cfg.joint.magnification_aware and not any(k.startswith("magnification_maps.") for k in state_dict):
+        return replace(cfg, joint=replace(cfg.joint, magnification_aware=False))
+    return cfg
 
 
 ARCHITECTURES: dict[str, ArchitectureEntry] = {
-    "joint": ArchitectureEntry(
-        build=_build_joint,
-        cell_size=lambda cfg: cfg.joint.patch_size,
-        thumbnail_size=lambda cfg: (int(cfg.joint.thumbnail_size[0]), int(cfg.joint.thumbnail_size[1])),
-        inference=_joint_inference,
-        inference_modes=INFERENCE_MODES,
-    ),
-    "gated_mil": ArchitectureEntry(
-        build=_build_gated_mil,
-        cell_size=lambda cfg: cfg.gated_mil.patch_size,
-        thumbnail_size=lambda cfg: UNUSED_THUMBNAIL,
-        inference=lambda cfg: InferenceSettings("exhaustive", 1, 0),
-    ),
-    "streamingclam": ArchitectureEntry(
-        build=_build_streamingclam,
-        cell_size=_streamingclam_cell,
-        thumbnail_size=lambda cfg: UNUSED_THUMBNAIL,
-        inference=lambda cfg: InferenceSettings("exhaustive", 1, cfg.streamingclam.k),
-    ),
+    entry.name: entry
+    for entry in (
+        ArchitectureEntry(
+            settings=JointConfig,
+            build=lambda cfg, n: JointAttentionSampler.from_settings(cfg.model, cfg.joint, n),
+            cell_size=lambda cfg: cfg.joint.patch_size,
+            inference=lambda cfg: inference_settings(cfg.joint),
+            thumbnail_size=lambda cfg: (int(cfg.joint.thumbnail_size[0]), int(cfg.joint.thumbnail_size[1])),
+            inference_modes=INFERENCE_MODES,
+            samples=True,
+            k=True,
+            networks=lambda cfg: [
+                *_patch_network(cfg),
+                ("joint.thumbnail", cfg.joint.thumbnail_backbone, cfg.joint.thumbnail_pretrained),
+            ],
+            migrate_checkpoint=_joint_without_maps,
+        ),
+        ArchitectureEntry(
+            settings=GatedMILConfig,
+            build=lambda cfg, n: GatedAttentionMIL.from_settings(cfg.model, cfg.gated_mil, n),
+            cell_size=lambda cfg: cfg.gated_mil.patch_size,
+            inference=lambda cfg: InferenceSettings("exhaustive", 1, 0),
+        ),
+        ArchitectureEntry(
+            settings=StreamingCLAMConfig,
+            build=lambda cfg, n: StreamingCLAM.from_settings(cfg.model, cfg.streamingclam, n),
+            cell_size=lambda cfg: cell_size(cfg.model, cfg.streamingclam),
+            inference=lambda cfg: InferenceSettings("exhaustive", 1, cfg.streamingclam.k),
+            k=True,
+            streams_trunk=True,
+            whole_image=lambda cfg: WholeImageReading(
+                cfg.streamingclam.crop_to_tissue, cfg.streamingclam.max_image_in_memory_mb
+            ),
+        ),
+    )
 }
+if set(ARCHITECTURES) != set(SECTIONS):  # a section without an entry, or an entry without a section
+    raise ImportError(f"architectures {sorted(ARCHITECTURES)} and settings sections {sorted(SECTIONS)} differ")
 
 
 def architecture(cfg: Config) -> ArchitectureEntry:
@@ -129,14 +150,35 @@ def architecture(cfg: Config) -> ArchitectureEntry:
         ) from None
 
 
-def build_model(cfg: Config, n_classes: int) -> SlideClassifier:
-    """The model ``cfg.model.architecture`` names, fitted to ``n_classes``.
+def check_config(cfg: Config) -> Config:
+    """What only the models layer can check of a valid config, before anything is built or any slide opened: every
+    network it names exists, registry encoders take their weights from a file (loupe never downloads them), and a
+    streamed trunk is convolutional. Returns ``cfg``; raises :class:`ConfigError` naming the setting."""
+    from loupe.models.backbones import is_backbone
+    from loupe.models.encoders import ENCODERS, no_download_error
 
-    ``joint``: h and f are two separate networks, as in the paper; A and g are built to fit them (one
-    magnification gives the single-magnification baseline). ``gated_mil``: f and a gated-attention head over every
-    patch of its one magnification. ``streamingclam``: the streamed trunk and its gated-attention head.
-    """
-    return architecture(cfg).build(cfg, n_classes)
+    entry = architecture(cfg)
+    for key, name, pretrained in entry.networks(cfg):
+        if not is_backbone(name):
+            raise ConfigError(
+                f'{key}_backbone={name!r}: expected a backbone name: "tiny", "tiny_s8", a registry encoder '
+                f"({', '.join(ENCODERS)}) or a timm model name (timm.list_models())"
+            )
+        if name in ENCODERS and pretrained is True:
+            raise no_download_error(f"{key}_pretrained", ENCODERS[name])
+        if entry.streams_trunk and name in ENCODERS:
+            raise ConfigError(
+                f'{key}_backbone={name!r}: {entry.name} streams a convolutional trunk (e.g. "resnet34"); registry '
+                f"encoders are vision transformers: use them with "
+                f"{' or '.join(n for n, e in ARCHITECTURES.items() if not e.streams_trunk)}"
+            )
+    return cfg
+
+
+def build_model(cfg: Config, n_classes: int) -> SlideClassifier:
+    """The model ``cfg.model.architecture`` names, fitted to ``n_classes``, built from its settings section (after
+    :func:`check_config`)."""
+    return architecture(check_config(cfg)).build(cfg, n_classes)
 
 
 def resolve_inference(
@@ -146,21 +188,19 @@ def resolve_inference(
     setting the architecture does not use is refused."""
     entry = architecture(cfg)
     default = entry.inference(cfg)
-    name = cfg.model.architecture
     if mode is not None and mode not in entry.inference_modes:
         raise ConfigError(
-            f"--inference {mode}: model.architecture {name} accepts {', '.join(entry.inference_modes)} "
+            f"--inference {mode}: model.architecture {entry.name} accepts {', '.join(entry.inference_modes)} "
             f"(it reads every patch)"
         )
-    if samples is not None and (samples < 1 or name != "joint"):
-        raise ConfigError(
-            f"--samples {samples}: expected an integer ≥ 1 for the joint model's mean mode"
-            if samples < 1
-            else f"--samples: not used by model.architecture {name} (nothing is sampled)"
-        )
+    if samples is not None:
+        if samples < 1:
+            raise ConfigError(f"--samples {samples}: expected an integer ≥ 1 for the mean mode")
+        if not entry.samples:
+            raise ConfigError(f"--samples: not used by model.architecture {entry.name} (nothing is sampled)")
     if k is not None:
         if k < 1:
             raise ConfigError(f"--k {k}: expected an integer ≥ 1 (patches read per sample)")
-        if name == "gated_mil":
-            raise ConfigError("--k: not used by model.architecture gated_mil (it reads every patch)")
+        if not entry.k:
+            raise ConfigError(f"--k: not used by model.architecture {entry.name} (it reads every patch)")
     return InferenceSettings(mode or default.mode, samples or default.samples, k or default.k)

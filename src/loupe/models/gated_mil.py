@@ -13,32 +13,54 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loupe.models.backbones import Backbone
+from loupe.config import GatedMILConfig, ModelConfig
+from loupe.models.backbones import Backbone, create_backbone
 from loupe.models.gated_attention import GatedAttention
 from loupe.models.interface import InferenceSettings, PixelSource, SlideBatch, SlideClassifier, SlideOutput
 from loupe.models.joint import CellEmbedder, PatchReader, cell_embedder, embed_patches, patch_reader, valid_cells
 
+#: The defaults of every setting the model shares with its settings section: one source for both.
+_DEFAULTS, _MODEL_DEFAULTS = GatedMILConfig(), ModelConfig()
+
 
 class GatedAttentionMIL(SlideClassifier):
-    """All valid patches of one magnification → f → gated attention pooling → dropout + linear."""
+    """All valid patches of one magnification → f → gated attention pooling → dropout + linear.
+
+    Built from a run's settings by :meth:`from_settings`; the constructor's defaults are the settings' defaults.
+    """
 
     def __init__(
         self,
         patch_net: Backbone,
         n_classes: int,
-        hidden: int = 128,
-        attention_dropout: float = 0.0,
-        classifier_dropout: float = 0.5,
+        attention_hidden: int = _DEFAULTS.attention_hidden,
+        attention_dropout: float = _DEFAULTS.attention_dropout,
+        classifier_dropout: float = _MODEL_DEFAULTS.classifier_dropout,
         patch_chunk: int = 64,
-        freeze_patch_net: bool = False,
+        freeze_patch_net: bool = _MODEL_DEFAULTS.freeze_patch_backbone,
     ) -> None:
         super().__init__()
         self.patch_net = patch_net
-        self.pool = GatedAttention(patch_net.num_features, hidden, attention_dropout)
+        self.pool = GatedAttention(patch_net.num_features, attention_hidden, attention_dropout)
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
         self.patch_chunk = patch_chunk
         if freeze_patch_net:
             self.freeze("patch_net")
+
+    @classmethod
+    def from_settings(cls, model: ModelConfig, settings: GatedMILConfig, n_classes: int) -> GatedAttentionMIL:
+        """The model of a run's ``model`` and ``gated_mil`` settings."""
+        return cls(
+            create_backbone(model.patch_backbone, model.patch_pretrained),
+            n_classes,
+            attention_hidden=settings.attention_hidden,
+            attention_dropout=settings.attention_dropout,
+            classifier_dropout=model.classifier_dropout,
+            freeze_patch_net=model.freeze_patch_backbone,
+        )
+
+    def patch_network(self) -> nn.Module:
+        return self.patch_net
 
     def embed(self, patches: Tensor) -> Tensor:
         """f on patches (B, n, 3, p, p) → (B, n, D), in chunks so that memory stays bounded."""

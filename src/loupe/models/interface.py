@@ -9,7 +9,7 @@ How a model is run (device, autocast, memory format) is decided in one place, :m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol, TypeVar
 
@@ -89,8 +89,25 @@ class WholeImage:
     box: tuple[int, int, int, int]  # (row0, col0, row1, col1) of the crop in the slide's grid
 
 
+class EmbeddingStore(Protocol):
+    """Patch embeddings of a frozen patch network kept across epochs and runs
+    (:class:`loupe.data.embeddings.EmbeddingCache`): only cells never embedded before are read and embedded."""
+
+    def features(self, slides: Sequence[int], cells: Tensor, embed_missing: Callable[[Tensor], Tensor]) -> Tensor:
+        """Embeddings (B, n, D) of flat cells (B, n) of ``slides``; ``embed_missing`` (cells (B', n') → features)
+        reads and embeds the cells not stored yet."""
+        ...
+
+
 class PixelSource(Protocol):
-    """Where a model's pixels come from (:class:`loupe.data.pixels.SlidePixels` over a catalog of slides)."""
+    """Where a model's pixels come from (:class:`loupe.data.pixels.SlidePixels` over a catalog of slides).
+
+    ``embeddings``: the store of the frozen patch network's embeddings, when the run keeps them (models whose
+    patch network is frozen read cells through it); None otherwise.
+    """
+
+    @property
+    def embeddings(self) -> EmbeddingStore | None: ...
 
     def cells(self, slides: Sequence[int], cells: Tensor) -> Tensor:
         """Patches (B, n, 3, p, p) float in [0, 1] of flat cell indices (B, n) of the given slides."""
@@ -187,6 +204,17 @@ class SlideClassifier(nn.Module, ABC):
     def default_inference(self) -> InferenceSettings:
         """The inference settings of this model when the caller gives none."""
         return InferenceSettings()
+
+    def patch_network(self) -> nn.Module | None:
+        """The network that embeds patches, when the model has one of its own (joint, gated MIL): what
+        ``loupe export-encoder`` writes and, when it is frozen, what the embedding cache is keyed by. None for a
+        model without one (StreamingCLAM's trunk runs over the whole image)."""
+        return None
+
+    @property
+    def patch_network_frozen(self) -> bool:
+        """The patch network is frozen (its embeddings of a cell never change, so they may be stored)."""
+        return self.patch_network() is not None and "patch_net" in self.frozen
 
     def prepare_training(self, batches: Iterable[SlideBatch], pixels: PixelSource) -> None:
         """Called once before the first training step of a new run (not on resume); e.g. calibration."""

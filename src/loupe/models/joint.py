@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loupe.config import INFERENCE_MODES
+from loupe.config import INFERENCE_MODES, JointConfig, ModelConfig
 from loupe.models.attention import AttentionNetwork, attention_dropout, entropy_regulariser
-from loupe.models.backbones import Backbone
+from loupe.models.backbones import Backbone, create_backbone
 from loupe.models.estimators import (
     exact_expectation,
     expectation_with_replacement,
@@ -45,12 +45,11 @@ def cell_embedder(model: SlideClassifier, embed: Callable[[Tensor], Tensor], rea
                   pixels: PixelSource) -> CellEmbedder:  # fmt: skip
     """Cells → features: read and embed, or, for a frozen patch network whose pixel source carries an embedding
     cache, the cached embeddings with only the missing cells read and embedded (one read, one forward)."""
-    store = getattr(pixels, "embeddings", None)
-    if store is None or "patch_net" not in model.frozen:
+    store = pixels.embeddings
+    if store is None or not model.patch_network_frozen:
         return lambda cells: embed(read(cells))
     slides = batch.slides
-    features: Callable[[Sequence[int], Tensor, Callable[[Tensor], Tensor]], Tensor] = store.features
-    return lambda cells: features(slides, cells, lambda missing: embed(read(missing)))
+    return lambda cells: store.features(slides, cells, lambda missing: embed(read(missing)))
 
 
 def patch_reader(pixels: PixelSource, batch: SlideBatch, device: torch.device) -> PatchReader:
@@ -66,8 +65,20 @@ def patch_reader(pixels: PixelSource, batch: SlideBatch, device: torch.device) -
     return read
 
 
+def inference_settings(settings: JointConfig) -> InferenceSettings:
+    """The inference a joint run's settings ask for (evaluate, predict, validation)."""
+    return InferenceSettings(settings.inference, settings.inference_samples, settings.k)
+
+
+#: The defaults of every setting the model shares with its settings section: one source for both.
+_DEFAULTS, _MODEL_DEFAULTS = JointConfig(), ModelConfig()
+
+
 class JointAttentionSampler(SlideClassifier):
-    """Thumbnail → where and at which magnification to look → k patches → class."""
+    """Thumbnail → where and at which magnification to look → k patches → class.
+
+    Built from a run's settings by :meth:`from_settings`; the constructor's defaults are the settings' defaults.
+    """
 
     def __init__(
         self,
@@ -75,20 +86,20 @@ class JointAttentionSampler(SlideClassifier):
         patch_net: Backbone,
         attention: AttentionNetwork,
         n_classes: int,
-        k: int = 5,
-        replace: bool = False,
-        uniform_mix: float = 0.0,
-        train_draws: int = 1,
-        novelty_epochs: int = 0,
-        novelty: float = 0.0,
-        magnification_aware: bool = False,
-        attention_dropout: float = 0.0,
-        classifier_dropout: float = 0.5,
+        k: int = _DEFAULTS.k,
+        replace: bool = _DEFAULTS.replace,
+        uniform_mix: float = _DEFAULTS.uniform_mix,
+        train_draws: int = _DEFAULTS.train_draws,
+        novelty_epochs: int = _DEFAULTS.novelty_epochs,
+        novelty: float = _DEFAULTS.novelty,
+        magnification_aware: bool = _DEFAULTS.magnification_aware,
+        attention_dropout: float = _DEFAULTS.attention_dropout,
+        classifier_dropout: float = _MODEL_DEFAULTS.classifier_dropout,
         patch_chunk: int = 256,
-        estimator: str = "sampled",
-        entropy_alpha: float = 0.0,
+        estimator: str = _DEFAULTS.estimator,
+        entropy_alpha: float = _DEFAULTS.entropy_alpha,
         inference: InferenceSettings | None = None,
-        freeze_patch_net: bool = False,
+        freeze_patch_net: bool = _MODEL_DEFAULTS.freeze_patch_backbone,
     ) -> None:
         super().__init__()
         self.thumbnail_net = thumbnail_net
@@ -112,7 +123,7 @@ class JointAttentionSampler(SlideClassifier):
         self.estimator = estimator
         """sampled: k cells per training step; exhaustive: every cell (the all-patches baseline)."""
         self.entropy_alpha = entropy_alpha
-        self.inference = inference or InferenceSettings("mean", 8, k)
+        self.inference = inference or InferenceSettings(_DEFAULTS.inference, _DEFAULTS.inference_samples, k)
         self.classifier = nn.Sequential(nn.Dropout(classifier_dropout), nn.Linear(patch_net.num_features, n_classes))
         self.magnification_maps: nn.ModuleList | None = None
         """One linear map per magnification after f (identity at the start), so that a pattern can mean something
@@ -122,6 +133,39 @@ class JointAttentionSampler(SlideClassifier):
             self.magnification_maps = nn.ModuleList(_identity_linear(d) for _ in attention.heads)
         if freeze_patch_net:
             self.freeze("patch_net")
+
+    @classmethod
+    def from_settings(cls, model: ModelConfig, settings: JointConfig, n_classes: int) -> JointAttentionSampler:
+        """The model of a run's ``model`` and ``joint`` settings: h and f are two separate networks, as in the paper;
+        A is sized to h's feature map and the magnifications (one magnification: the single-magnification
+        baseline)."""
+        h = create_backbone(settings.thumbnail_backbone, settings.thumbnail_pretrained)
+        f = create_backbone(model.patch_backbone, model.patch_pretrained)
+        attention = AttentionNetwork(
+            h.map_channels, len(model.magnifications), settings.normalisation, settings.balance_magnifications
+        )
+        return cls(
+            h,
+            f,
+            attention,
+            n_classes,
+            k=settings.k,
+            replace=settings.replace,
+            uniform_mix=settings.uniform_mix,
+            train_draws=settings.train_draws,
+            novelty_epochs=settings.novelty_epochs,
+            novelty=settings.novelty,
+            magnification_aware=settings.magnification_aware,
+            attention_dropout=settings.attention_dropout,
+            classifier_dropout=model.classifier_dropout,
+            estimator=settings.estimator,
+            entropy_alpha=settings.entropy_alpha,
+            inference=inference_settings(settings),
+            freeze_patch_net=model.freeze_patch_backbone,
+        )
+
+    def patch_network(self) -> nn.Module:
+        return self.patch_net
 
     def attend(
         self, thumbnails: Tensor, shapes: Sequence[tuple[int, int]], valid: Tensor | None = None

@@ -7,7 +7,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+
+from loupe.models.interface import SlideClassifier
 
 #: Lightning precision settings that mean automatic mixed precision, and the dtype they compute in.
 AMP_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -43,17 +44,16 @@ class Runtime:
             return nullcontext()
         return torch.autocast("cuda", dtype=dtype)
 
-    def prepare(self, model: nn.Module, move: bool = True) -> nn.Module:
+    def prepare(self, model: SlideClassifier, move: bool = True) -> SlideClassifier:
         """Put ``model`` in this runtime's memory format (channels-last networks read channels-last inputs: the
         model's ``channels_last`` flag says so) and, with ``move``, on its device; on a GPU with mixed precision its
         frozen networks are held in the compute dtype. Idempotent."""
-        if self.channels_last and not getattr(model, "channels_last", False):
+        if self.channels_last and not model.channels_last:
             model.to(memory_format=torch.channels_last)
-            setattr(model, "channels_last", True)  # noqa: B010  (a plain flag beside the parameters)
+            model.channels_last = True
         if move:
             model.to(self.device)
         dtype = AMP_DTYPES.get(self.precision)
-        set_dtype = getattr(model, "set_compute_dtype", None)
-        if self.device.type == "cuda" and dtype is not None and set_dtype is not None:
-            set_dtype(dtype)
+        if self.device.type == "cuda" and dtype is not None:
+            model.set_compute_dtype(dtype)
         return model

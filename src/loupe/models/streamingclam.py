@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loupe.config import ModelConfig, StreamingCLAMConfig
 from loupe.errors import ConfigError
 from loupe.models.backbones import Backbone, forward_features
 from loupe.models.gated_attention import GatedAttention
@@ -37,14 +37,13 @@ from loupe.models.streaming import (
     resnet_sequential,
 )
 
-if TYPE_CHECKING:
-    from loupe.config import ModelConfig, StreamingCLAMConfig
-
 #: Training images whose average statistics calibrate a randomly initialised trunk's normalisation layers.
 CALIBRATION_IMAGES = 16
+#: The defaults of every setting the model shares with its settings section: one source for both.
+_DEFAULTS, _MODEL_DEFAULTS = StreamingCLAMConfig(), ModelConfig()
 #: Sub-tile side (input pixels) in which a ResNet stem is streamed over each tile's crop: its half-resolution,
 #: 64-channel activation is the largest of the trunk, and would otherwise set a tile's peak memory.
-STEM_TILE = 512
+STEM_TILE = _DEFAULTS.stem_tile
 
 
 class _Features(nn.Module):
@@ -91,22 +90,22 @@ class StreamingCLAM(SlideClassifier):
         self,
         backbone: Backbone,
         n_classes: int,
-        tile_size: int,
-        local_pool: int = 1,
-        attention_hidden: int = 128,
-        attention_dropout: float = 0.25,
-        classifier_dropout: float = 0.0,
-        instance_classifiers: bool = False,
-        instance_k: int = 8,
-        k: int = 5,
-        instance_weight: float = 0.3,
-        freeze_encoder_epochs: int = 0,
+        tile_size: int = _DEFAULTS.tile_size,
+        local_pool: int = _DEFAULTS.local_pool,
+        attention_hidden: int = _DEFAULTS.attention_hidden,
+        attention_dropout: float = _DEFAULTS.attention_dropout,
+        classifier_dropout: float = _MODEL_DEFAULTS.classifier_dropout,
+        instance_classifiers: bool = _DEFAULTS.instance_loss,
+        instance_k: int = _DEFAULTS.instance_k,
+        k: int = _DEFAULTS.k,
+        instance_weight: float = _DEFAULTS.instance_weight,
+        freeze_encoder_epochs: int = _DEFAULTS.freeze_encoder_epochs,
         calibrate: bool = False,
-        freeze_trunk: bool = False,
-        checkpoint_segments: bool = True,
-        fold_normalisation: bool = False,
+        freeze_trunk: bool = _MODEL_DEFAULTS.freeze_patch_backbone,
+        checkpoint_segments: bool = _DEFAULTS.checkpoint_segments,
+        fold_normalisation: bool = _DEFAULTS.fold_normalisation,
         stem_tile: int | None = STEM_TILE,
-        stem_depth: int = 1,
+        stem_depth: int = _DEFAULTS.stem_depth,
     ) -> None:
         super().__init__()
         freeze_normalisation(backbone.net)
@@ -188,6 +187,38 @@ class StreamingCLAM(SlideClassifier):
         for p in self.trunk.parameters():
             p.requires_grad_(trainable)
         freeze_normalisation(self.trunk)
+
+    @classmethod
+    def from_settings(cls, model: ModelConfig, settings: StreamingCLAMConfig, n_classes: int) -> StreamingCLAM:
+        """The model of a run's ``model`` and ``streamingclam`` settings: its trunk is ``model.patch_backbone``;
+        its normalisation is calibrated when ``calibrate_normalisation`` says so (unset: for a random trunk)."""
+        from loupe.models.backbones import create_backbone
+
+        calibrate = settings.calibrate_normalisation
+        return cls(
+            create_backbone(model.patch_backbone, model.patch_pretrained),
+            n_classes,
+            tile_size=settings.tile_size,
+            local_pool=settings.local_pool,
+            attention_hidden=settings.attention_hidden,
+            attention_dropout=settings.attention_dropout,
+            classifier_dropout=model.classifier_dropout,
+            instance_classifiers=settings.instance_loss,
+            instance_k=settings.instance_k,
+            k=settings.k,
+            instance_weight=settings.instance_weight,
+            freeze_encoder_epochs=settings.freeze_encoder_epochs,
+            calibrate=model.patch_pretrained is False if calibrate is None else calibrate,
+            freeze_trunk=model.freeze_patch_backbone,
+            checkpoint_segments=settings.checkpoint_segments,
+            fold_normalisation=settings.fold_normalisation,
+            stem_tile=settings.stem_tile or None,
+            stem_depth=settings.stem_depth,
+        )
+
+    def default_inference(self) -> InferenceSettings:
+        """Every position, with the ``k`` most attended reported as its key cells."""
+        return InferenceSettings("exhaustive", 1, self.k)
 
     def forward(
         self,
@@ -338,35 +369,6 @@ def centre_crop(image: Tensor | ImageRegions, side: int) -> Tensor:
     y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
     rows, cols = slice(y0, min(h, y0 + side)), slice(x0, min(w, x0 + side))
     return read_crop(image, rows, cols).clone()  # a copy: a view would keep the whole image alive
-
-
-def build_streamingclam(model_cfg: ModelConfig, cfg: StreamingCLAMConfig, n_classes: int) -> StreamingCLAM:
-    """StreamingCLAM from a run's ``model`` and ``streamingclam`` settings (one magnification: checked when the
-    config is validated)."""
-    from loupe.models.backbones import create_backbone
-
-    backbone = create_backbone(model_cfg.patch_backbone, model_cfg.patch_pretrained)
-    calibrate = cfg.calibrate_normalisation
-    return StreamingCLAM(
-        backbone,
-        n_classes,
-        tile_size=cfg.tile_size,
-        local_pool=cfg.local_pool,
-        attention_hidden=cfg.attention_hidden,
-        attention_dropout=cfg.attention_dropout,
-        classifier_dropout=model_cfg.classifier_dropout,
-        instance_classifiers=cfg.instance_loss,
-        instance_k=cfg.instance_k,
-        k=cfg.k,
-        instance_weight=cfg.instance_weight,
-        freeze_encoder_epochs=cfg.freeze_encoder_epochs,
-        calibrate=model_cfg.patch_pretrained is False if calibrate is None else calibrate,
-        freeze_trunk=model_cfg.freeze_patch_backbone,
-        checkpoint_segments=cfg.checkpoint_segments,
-        fold_normalisation=cfg.fold_normalisation,
-        stem_tile=cfg.stem_tile or None,
-        stem_depth=cfg.stem_depth,
-    )
 
 
 @lru_cache(maxsize=32)

@@ -283,7 +283,7 @@ class _RegionWatch:
     def __init__(self, pixels: PixelSource) -> None:
         self.pixels = pixels
         self.regions = False
-        self.embeddings = getattr(pixels, "embeddings", None)  # models reading cached embeddings still find them
+        self.embeddings = pixels.embeddings  # models reading cached embeddings still find them
 
     def cells(self, slides: Sequence[int], cells: Tensor) -> Tensor:
         return self.pixels.cells(slides, cells)

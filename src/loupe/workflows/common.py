@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,12 +92,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Sli
     cfg, ckpt = run_checkpoint(run_dir, checkpoint)
     state = load_weights_only(ckpt)  # a file holding pickled objects is refused with a message
     prefix = "model."
-    trained_without_maps = not any(k.startswith(prefix + "magnification_maps.") for k in state["state_dict"])
-    if cfg.model.architecture == "joint" and cfg.joint.magnification_aware and trained_without_maps:
-        # A joint model trained before per-magnification maps existed (earlier loupe runs).
-        cfg = dataclasses.replace(cfg, joint=dataclasses.replace(cfg.joint, magnification_aware=False))
+    weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    cfg = architecture(cfg).migrate_checkpoint(cfg, weights)  # e.g. trained before a part of the model existed
     model = build_model(cfg, len(cfg.data.classes or []))
-    model.load_state_dict({k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
+    model.load_state_dict(weights)
     model.eval()
     runtime: Runtime = runtime_of(cfg)
     runtime.prepare(model)

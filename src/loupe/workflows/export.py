@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
 from loupe.atomic import atomic_write
 from loupe.errors import ConfigError
+from loupe.models.backbones import Backbone
+from loupe.models.factory import architecture
 from loupe.workflows.common import load_run
 
 
@@ -18,13 +18,12 @@ def export_patch_encoder(run: str | Path, *, out: str | Path, checkpoint: str = 
     import torch
 
     cfg, model, _ = load_run(run, checkpoint)
-    patch_net = getattr(model, "patch_net", None)
-    if not isinstance(patch_net, nn.Module):
-        trunk = getattr(model, "trunk", None)
+    patch_net = model.patch_network()
+    if patch_net is None:
         raise ConfigError(
             f"{run}: model.architecture {cfg.model.architecture} has no separate patch network to export"
-            + (" (its trunk is streamed whole-slide)" if trunk is not None else "")
+            + (" (its trunk is streamed over the whole image)" if architecture(cfg).whole_image is not None else "")
         )
-    net = getattr(patch_net, "net", patch_net)
+    net = patch_net.net if isinstance(patch_net, Backbone) else patch_net
     state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format) for k, v in net.state_dict().items()}
     return atomic_write(out, lambda handle: torch.save(state, handle))

@@ -16,6 +16,7 @@ from loupe.data.catalog import SlideCatalog
 from loupe.data.embeddings import EmbeddingCache, encoder_key
 from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.pixels import SlidePixels
+from loupe.models.factory import architecture
 from loupe.models.interface import (
     GridShapes,
     InferenceSettings,
@@ -108,14 +109,15 @@ def infer(
 
 
 def make_pixels(catalog: SlideCatalog, cfg: Config, model: SlideClassifier | None = None) -> SlidePixels:
-    """The pixel source of a run over ``catalog``: ``data.read_threads`` threads; whole images cropped to the
-    tissue's box when StreamingCLAM asks for it and tissue detection is on, and read per tile when larger than
-    ``streamingclam.max_image_in_memory_mb``; with ``model`` whose patch network is frozen (and
-    ``data.embedding_cache``), an embedding cache keyed by that network's exact weights."""
-    crop = cfg.streamingclam.crop_to_tissue and cfg.data.tissue
+    """The pixel source of a run over ``catalog``: ``data.read_threads`` threads; whole images read as the
+    architecture's registry entry says (cropped to the tissue's box when tissue detection is on, read per region
+    when large); with ``model`` whose patch network is frozen (and ``data.embedding_cache``), an embedding cache
+    keyed by that network's exact weights."""
+    reading = architecture(cfg).whole_image
+    whole = reading(cfg) if reading is not None else None
     embeddings = None
-    patch_net = getattr(model, "patch_net", None)
-    if model is not None and cfg.data.embedding_cache and "patch_net" in model.frozen and patch_net is not None:
+    patch_net = model.patch_network() if model is not None else None
+    if model is not None and patch_net is not None and model.patch_network_frozen and cfg.data.embedding_cache:
         root = Path(cfg.data.cache_dir).expanduser() / "embeddings" if cfg.data.cache_dir else None
         # The weights, and the precision and device they run in (a bf16 GPU embedding is not a float32 CPU one).
         runtime = runtime_of(cfg)
@@ -124,7 +126,7 @@ def make_pixels(catalog: SlideCatalog, cfg: Config, model: SlideClassifier | Non
     return SlidePixels(
         catalog,
         cfg.data.read_threads,
-        crop_to_tissue=crop,
+        crop_to_tissue=whole is not None and whole.crop_to_tissue and cfg.data.tissue,
         embeddings=embeddings,
-        max_image_mb=cfg.streamingclam.max_image_in_memory_mb,
+        max_image_mb=whole.max_image_mb if whole is not None else None,
     )

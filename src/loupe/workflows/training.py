@@ -19,7 +19,7 @@ from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import Manifest, load_manifest, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
 from loupe.errors import ConfigError
-from loupe.models import build_model
+from loupe.models import build_model, check_config
 from loupe.ranks import is_first_process
 from loupe.reports.io import write_json, write_text
 from loupe.training.checkpoint_io import SafeCheckpointIO, record_resume, resume_from
@@ -67,6 +67,7 @@ def train(cfg: Config, *, out: str | Path, callbacks: Sequence[L.Callback] = ())
     on its shard; the first process alone writes the folder's files, Lightning's rank 0 the checkpoints and logs.
     ``callbacks`` are added to the Trainer's own (Lightning callbacks: extra logging, early stopping...).
     """
+    check_config(cfg)  # the networks it names, before any slide is opened
     paths = RunPaths(Path(out))
     manifest = prepare_manifest(cfg)
     records = list(manifest.records)
