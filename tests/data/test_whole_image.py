@@ -11,8 +11,8 @@ from loupe.config import Config, ModelConfig, StreamingCLAMConfig
 from loupe.data.catalog import SlideCatalog
 from loupe.data.manifest import SlideRecord, load_manifest
 from loupe.data.pixels import SlidePixels
-from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.data.whole_image import REGION_CACHE_BYTES, SlideRegions, WholeImageReader, tissue_box
+from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
 from loupe.errors import SlideError, SlideReadError
 from loupe.models import SlideBatch, build_model
 from loupe.models.interface import read_crop

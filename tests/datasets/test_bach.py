@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loupe.data.manifest import load_manifest
+from loupe.data.splits import assign_splits
 from loupe.datasets.bach import (
     BACH_CLASSES,
     BACH_MPP,
@@ -18,8 +20,6 @@ from loupe.datasets.bach import (
     import_bach,
     locate_bach,
 )
-from loupe.data.manifest import load_manifest
-from loupe.data.splits import assign_splits
 from loupe.errors import ConfigError, ManifestError
 from loupe.slides import open_slide
 from loupe.slides.formats import TIFF_SUFFIXES

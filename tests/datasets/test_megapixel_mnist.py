@@ -19,8 +19,8 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from loupe.datasets import megapixel_mnist
 from loupe.data.manifest import load_manifest
+from loupe.datasets import megapixel_mnist
 from loupe.datasets.megapixel_mnist import (
     CLASSES,
     INSTALL_HINT,

@@ -87,11 +87,11 @@ MODELS_BY_SECTION = [(section, model) for model, section in MODELS]
 def test_inference_options_follow_what_the_entry_declares():
     joint, gated = Config(), Config(model=ModelConfig(architecture="gated_mil", magnifications=["1.0"]))
     assert resolve_inference(joint, "mean", 3, 4).samples == 3
-    with pytest.raises(ConfigError, match="--samples: not used by model.architecture gated_mil"):
+    with pytest.raises(ConfigError, match=r"--samples: not used by model\.architecture gated_mil"):
         resolve_inference(gated, samples=2)
-    with pytest.raises(ConfigError, match="--k: not used by model.architecture gated_mil"):
+    with pytest.raises(ConfigError, match=r"--k: not used by model\.architecture gated_mil"):
         resolve_inference(gated, k=2)
-    with pytest.raises(ConfigError, match="--inference topk: model.architecture gated_mil accepts exhaustive"):
+    with pytest.raises(ConfigError, match=r"--inference topk: model\.architecture gated_mil accepts exhaustive"):
         resolve_inference(gated, "topk")
 
 
