@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tiffslide,mnist]'
+	$(PY) -m pip install --quiet -e '.[dev]'  # dev holds the other extras (see pyproject.toml)
 	touch $(STAMP)
 
 .PHONY: env demo lint typecheck check test

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pytest
 import tifffile
 
+from loupe.cli import main
 from loupe.datasets.synthetic_wsi import GLASS, SyntheticWSI, auto_levels, make_pyramidal_slide, write_pyramidal_slide
+from loupe.errors import LoupeError
 from loupe.slides import open_slide
 from loupe.slides.tissue import detect_tissue
 
@@ -123,3 +128,27 @@ def test_bad_arguments_are_refused(tmp_path, kwargs):
     with pytest.raises(ValueError):
         make_pyramidal_slide(**args)
     assert not (tmp_path / "x.svs").exists()
+
+
+@pytest.fixture
+def without_imagecodecs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """imagecodecs looks not installed (a base install: it comes with the `wsi` extra)."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "imagecodecs" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_without_imagecodecs_writing_is_refused_up_front_with_the_extra(tmp_path, without_imagecodecs):
+    with pytest.raises(LoupeError, match=re.escape("imagecodecs package, not installed: pip install 'loupe[wsi]'")):
+        make_pyramidal_slide(tmp_path / "x.svs", 1000, 800)
+    assert not (tmp_path / "x.svs").exists()
+
+
+def test_bench_wsi_without_imagecodecs_is_one_line_and_exit_2(tmp_path, without_imagecodecs, capsys):
+    assert main(["bench", "wsi", "--quick", "--out", str(tmp_path / "bench")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loupe bench: error: ") and "\n" not in err and "pip install 'loupe[wsi]'" in err
+    assert not list((tmp_path / "bench").rglob("*.svs"))

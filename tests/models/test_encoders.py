@@ -5,9 +5,10 @@ embedding rules match the model cards, and a missing or wrong file or ``pretrain
 from __future__ import annotations
 
 import dataclasses
-import re
+from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -15,9 +16,11 @@ from loupe.errors import ConfigError
 from loupe.models import create_backbone
 from loupe.models.encoders import (
     ENCODERS,
+    LOUPE_TIMM_OVERRIDES,
     EncoderBackbone,
     EncoderSpec,
     build_encoder,
+    convert_state_dict,
     create_encoder,
 )
 
@@ -263,75 +266,46 @@ def test_conch_loads_the_whole_coca_checkpoint_and_matches_its_vision_embedding(
 
 # --- Phikon-v2: Hugging Face transformers' Dinov2Model names -------------------------------------------------------
 
-
-def _to_hf_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm ViT names → transformers 4.x Dinov2Model names (the layout of Phikon-v2's model.safetensors)."""
-    out = {"embeddings.mask_token": torch.zeros(1, state["cls_token"].shape[-1])}
-    for k, v in state.items():
-        m = re.match(r"blocks\.(\d+)\.(.+)", k)
-        if k == "cls_token":
-            out["embeddings.cls_token"] = v
-        elif k == "pos_embed":
-            out["embeddings.position_embeddings"] = v
-        elif k.startswith("patch_embed.proj."):
-            out[k.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection.")] = v
-        elif k.startswith("norm."):
-            out[k.replace("norm.", "layernorm.")] = v
-        elif m:
-            i, rest = m.groups()
-            pre = f"encoder.layer.{i}."
-            if rest.startswith("attn.qkv."):
-                kind = rest.rsplit(".", 1)[1]
-                for part, name in zip(v.chunk(3), ("query", "key", "value"), strict=True):
-                    out[f"{pre}attention.attention.{name}.{kind}"] = part
-            elif rest.startswith("attn.proj."):
-                out[pre + rest.replace("attn.proj.", "attention.output.dense.")] = v
-            elif rest.startswith("ls"):
-                out[f"{pre}layer_scale{rest[2]}.lambda1"] = v
-            else:  # norm1, norm2, mlp.fc1, mlp.fc2
-                out[pre + rest] = v
-        else:
-            raise AssertionError(f"unexpected timm key {k}")
-    return out
+#: Tiny transformers Dinov2Model state dicts and their outputs, made once by the script in this folder (which says
+#: how and lists the keys): v4 is the layout of Phikon-v2's model.safetensors, v5 transformers 5's in-memory names.
+HF_DINOV2 = Path(__file__).resolve().parents[1] / "fixtures" / "encoders"
 
 
-def test_phikon_v2_converts_the_transformers_key_names(tmp_path):
-    from safetensors.torch import save_file
+def _tiny_phikon() -> EncoderSpec:
+    """Phikon-v2 shrunk to the fixture's network: 16 px input, 8 px patches, width 32, 2 layers, 2 heads."""
+    return dataclasses.replace(_small("phikon-v2", img_size=16, patch_size=8), input_size=16)
 
-    spec = _small("phikon-v2")
-    source = build_encoder("phikon-v2", spec, None).eval()
-    _randomise(source.net, seed=3)
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in _to_hf_dinov2(source.net.state_dict()).items()}, str(path))
 
-    loaded = build_encoder("phikon-v2", spec, path).eval()
-    for k, v in source.net.state_dict().items():
-        assert torch.equal(loaded.net.state_dict()[k], v), k
-    x = torch.rand(1, 3, 224, 224)
+@pytest.mark.parametrize("version", ["v4", "v5"])
+def test_phikon_v2_converts_the_transformers_state_dict_exactly(version):
+    from safetensors.torch import load_file
+
+    spec = _tiny_phikon()
+    published = load_file(str(HF_DINOV2 / f"hf_dinov2_tiny_{version}.safetensors"))
+    converted = convert_state_dict(spec, published)
+    net = timm.create_model(spec.timm_model, **{**spec.timm_kwargs, **LOUPE_TIMM_OVERRIDES})
+    net.load_state_dict(converted, strict=True)  # every key of the network, none other, every shape
+    assert len(converted) == len(published) - 1 - 2 * 2 * 2  # mask token dropped; per layer q, k, v → qkv (w, b)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, converted[key]), key
+    for i in range(2):
+        qkv = net.state_dict()[f"blocks.{i}.attn.qkv.weight"]
+        q = published.get(f"encoder.layer.{i}.attention.attention.query.weight")
+        q = published[f"encoder.layer.{i}.attention.q_proj.weight"] if q is None else q
+        assert torch.equal(qkv[:32], q)  # fused in timm's order: query first
+
+
+@pytest.mark.parametrize("version", ["v4", "v5"])
+def test_phikon_v2_computes_what_transformers_dinov2_computes(version):
+    """Against transformers' own output for the fixture's weights (the card's embedding is the class token)."""
+    from safetensors.torch import load_file
+
+    golden = load_file(str(HF_DINOV2 / f"hf_dinov2_tiny_{version}.golden.safetensors"))
+    b = build_encoder("phikon-v2", _tiny_phikon(), HF_DINOV2 / f"hf_dinov2_tiny_{version}.safetensors").eval()
+    image, hidden = golden["image"], golden["last_hidden_state"]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
-
-
-@pytest.mark.slow
-def test_phikon_v2_matches_transformers_dinov2(tmp_path):
-    """Against the real transformers Dinov2Model (only where transformers is installed; loupe does not need it)."""
-    transformers = pytest.importorskip("transformers")
-    from safetensors.torch import save_file
-
-    cfg = transformers.Dinov2Config(
-        image_size=224, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, layer_norm_eps=1e-6
-    )
-    hf = transformers.Dinov2Model(cfg).eval()
-    _randomise(hf, seed=4)
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
-    spec = _small("phikon-v2")
-    b = build_encoder("phikon-v2", spec, path).eval()
-    x = torch.rand(2, 3, 224, 224)
-    with torch.no_grad():
-        hidden = hf(pixel_values=_normalised(spec, x)).last_hidden_state
-        torch.testing.assert_close(b(x), hidden[:, 0])  # the card's embedding
-        torch.testing.assert_close(b.feature_map(x).flatten(2).transpose(1, 2), hidden[:, 1:])
+        torch.testing.assert_close(b(image), hidden[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.feature_map(image).flatten(2).transpose(1, 2), hidden[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 # --- errors -------------------------------------------------------------------------------------------------------
@@ -404,10 +378,10 @@ def test_create_backbone_dispatches_registry_names(tmp_path):
 
 
 def test_config_accepts_registry_names():
-    from loupe.config import _backbone
+    from loupe.models.backbones import is_backbone
 
-    assert all(_backbone(name) for name in ENCODERS)
-    assert _backbone("tiny") and _backbone("resnet18") and not _backbone("uni3")
+    assert all(is_backbone(name) for name in ENCODERS)
+    assert is_backbone("tiny") and is_backbone("resnet18") and not is_backbone("uni3") and not is_backbone(" ")
 
 
 def test_the_state_dict_holds_each_weight_once():

@@ -36,7 +36,12 @@ def _model(name: str = "tiny", tile: int = 64, local_pool: int = 1, **kw) -> Str
 
 @pytest.mark.parametrize(
     ("name", "local_pool", "segments"),
-    [("tiny", 1, True), ("tiny", 2, True), ("resnet18", 1, True), ("resnet18", 1, False)],
+    [
+        ("tiny", 1, True),
+        ("tiny", 2, True),
+        pytest.param("resnet18", 1, True, marks=pytest.mark.slow),  # 4-7 s each; the engine's own tests cover ResNet-18
+        pytest.param("resnet18", 1, False, marks=pytest.mark.slow),
+    ],
 )
 def test_streamed_logits_and_gradients_equal_the_whole_image(name, local_pool, segments):
     """Exact for a generic trunk and a ResNet (context trimmed per block; with per-block checkpointing, or without

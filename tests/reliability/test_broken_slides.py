@@ -139,6 +139,7 @@ def _fail(i: int) -> int:
     raise SlideReadError("broken", i)
 
 
+@pytest.mark.slow
 def test_training_skips_broken_slides_and_lists_them(dataset: Path, broken: dict[str, Path], tmp_path: Path) -> None:
     extra = {"corrupt": broken["corrupt"], "truncated": broken["truncated"], "corrupt_val": broken["corrupt"]}
     manifest = _manifest_with(dataset, extra, tmp_path / "m.csv", val=("corrupt_val",))
@@ -155,6 +156,7 @@ def test_training_skips_broken_slides_and_lists_them(dataset: Path, broken: dict
     assert state["epoch"] == 2  # trained to the end on the other slides
 
 
+@pytest.mark.slow
 def test_training_stops_when_too_many_slides_fail(dataset: Path, broken: dict[str, Path], tmp_path: Path) -> None:
     manifest = _manifest_with(dataset, {"truncated": broken["truncated"]}, tmp_path / "m.csv")
     failed = run_loupe(train_args(manifest, tmp_path / "run", 1, "--data.max_failed_fraction", "0.01"))
@@ -164,6 +166,7 @@ def test_training_stops_when_too_many_slides_fail(dataset: Path, broken: dict[st
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_predict_fails_only_the_broken_slides(trained_run: Path, broken: dict[str, Path], tmp_path: Path) -> None:
     run = trained_run
     out = tmp_path / "out"

@@ -49,6 +49,7 @@ def _with_env(name: str, value: str) -> Callable[[], object]:
     return lambda: os.environ.pop(name, None)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_write_stops_with_one_message_and_a_rerun_continues(
     dataset: Path, tmp_path: Path
 ) -> None:
@@ -73,6 +74,7 @@ def test_a_full_disk_during_a_checkpoint_write_stops_with_one_message_and_a_reru
     assert json.loads((run / RESUMES_FILE).read_text())["resumes"] == 1
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_predict_stops_and_a_rerun_completes_every_slide(
     trained: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -97,6 +99,7 @@ def test_a_full_disk_during_predict_stops_and_a_rerun_completes_every_slide(
     assert sorted(p.name for p in (out / "slides").iterdir()) == sorted(s.stem for s in slides)
 
 
+@pytest.mark.slow
 def test_an_output_path_through_a_file_is_one_message(dataset: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where a folder should be")
@@ -105,6 +108,7 @@ def test_an_output_path_through_a_file_is_one_message(dataset: Path, tmp_path: P
     assert str(blocker) in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_folder_falls_back_to_no_cache_with_one_warning(dataset: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "cache-file"
     blocker.write_text("the cache folder cannot be made here")
@@ -114,6 +118,7 @@ def test_an_unwritable_cache_folder_falls_back_to_no_cache_with_one_warning(data
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_an_output_folder_inside_the_input_folder_is_not_read_as_slides(
     trained: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -155,6 +160,7 @@ def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_predict_and_resume_refuse_a_crafted_checkpoint(trained: Path, dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)

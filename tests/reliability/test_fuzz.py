@@ -180,6 +180,7 @@ def test_slide_ids_that_would_escape_the_output_are_refused_naming_the_fix(tmp_p
     assert str(manifest) in str(err.value) and "slide_id" in str(err.value) and "row 2" in str(err.value)
 
 
+@pytest.mark.slow
 def test_slide_ids_and_labels_needing_escapes_round_trip_through_predict_outputs(
     dataset: Path, trained_run: Path, tmp_path: Path
 ) -> None:

@@ -12,11 +12,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from loupe.training.checkpoint_io import RESUMES_FILE, is_complete
 
 from .conftest import child_env, failing_save, loupe_command, run_loupe, train_args
+
+pytestmark = pytest.mark.slow  # each kills and reruns `loupe` several times (6-27 s each on 2 busy cores)
 
 EPOCHS = 30
 STEPS_PER_EPOCH = 2  # 8 training slides in batches of 4

@@ -45,6 +45,7 @@ def _check(result: subprocess.CompletedProcess) -> None:
 # --- the collectives, in a real two-process gloo group -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gather_rows_and_average_gradients_across_two_processes(tmp_path: Path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(COLLECTIVES)]
     _check(subprocess.run([*cmd, str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300))

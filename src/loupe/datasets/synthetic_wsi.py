@@ -5,8 +5,9 @@ with "Aperio Image Library" and carries ``MPP`` and ``AppMag``, so OpenSlide's a
 objective power, and tifffile/tiffslide see an SVS series. The layout is that of a real SVS: IFD 0 is level 0,
 IFD 1 a stripped thumbnail, IFD 2.. the halved levels.
 
-Tiles are JPEG-encoded by Pillow and handed to tifffile already compressed (an iterator of bytes), so no
-``imagecodecs`` is needed. Tiles are rendered in strips in a thread pool: the large NumPy operations release the
+Tiles are JPEG-encoded by Pillow and handed to tifffile already compressed (an iterator of bytes); tifffile still
+looks up its JPEG codec for such a page, so writing needs ``imagecodecs`` (the ``wsi`` extra: checked up front by
+:func:`require_jpeg_writer`). Tiles are rendered in strips in a thread pool: the large NumPy operations release the
 GIL, Pillow's in-memory JPEG encoder does not, so the gain from more cores is partial.
 
 Every level is rendered directly at its own scale from one analytic description, so all levels agree:
@@ -24,6 +25,7 @@ Tiles whose pixels are all glass are detected from the coarse grid and reuse one
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import os
@@ -41,8 +43,12 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from loupe.errors import LoupeError
+
 GLASS = (243, 242, 245)
 """RGB of the empty glass (background)."""
+
+WSI_INSTALL_HINT = "pip install 'loupe[wsi]'"
 
 _STROMA_LIGHT = np.array([240.0, 200.0, 224.0], np.float32)
 _STROMA_DARK = np.array([214.0, 118.0, 176.0], np.float32)
@@ -493,6 +499,16 @@ def _in_order(pool: ThreadPoolExecutor, jobs: Iterator[T | Callable[[], T]], win
         yield item[0] if isinstance(item, tuple) else item.result()
 
 
+def require_jpeg_writer() -> None:
+    """Refuse, naming the extra to install, when tifffile cannot write JPEG-compressed pages: it asks imagecodecs
+    for the JPEG codec even for tiles encoded already, and without it fails mid-write with a KeyError."""
+    if importlib.util.find_spec("imagecodecs") is None:
+        raise LoupeError(
+            f"writing synthetic whole slides (JPEG-tiled TIFF) needs the imagecodecs package, not installed: "
+            f"{WSI_INSTALL_HINT}"
+        )
+
+
 def make_pyramidal_slide(
     path: str | Path,
     width: int,
@@ -526,6 +542,7 @@ def make_pyramidal_slide(
         raise ValueError(f"levels must be at least 1, got {levels}")
     if bigtiff is None:
         bigtiff = width * height * 3 > 2**32
+    require_jpeg_writer()
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
