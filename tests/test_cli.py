@@ -160,6 +160,7 @@ def test_import_bach_writes_a_manifest(loupe, tmp_path: Path):
     _assert_clean_error(bad, "nowhere")
 
 
+@pytest.mark.slow  # a fresh Python importing Lightning: ~5 s
 def test_the_console_prints_each_lightning_message_once_and_no_advertisement():
     """In a fresh process (as `loupe train` starts): Lightning, imported after the console is set up, must not print
     its messages a second time through handlers of its own."""

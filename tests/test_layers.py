@@ -9,8 +9,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loupe"
 
-#: What each part may import (besides itself). Read from the bottom: errors/atomic/ranks, slides, config, models,
-#: data/reports, datasets (generators and importers over data), training, workflows, bench, then the command line.
+#: What each part may import (besides itself). Read from the bottom: errors/atomic/ranks/console, slides, config,
+#: models, data/reports, datasets (generators and importers over data), training, workflows, bench, then the command
+#: line.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "atomic": set(),
@@ -21,9 +22,33 @@ ALLOWED: dict[str, set[str]] = {
     "reports": {"errors", "atomic", "slides"},
     "data": {"errors", "atomic", "ranks", "slides", "config", "models"},
     "datasets": {"errors", "atomic", "slides", "data"},
-    "training": {"errors", "atomic", "ranks", "config", "models", "data"},
-    "workflows": {"errors", "atomic", "ranks", "slides", "config", "models", "data", "datasets", "reports", "training"},
-    "bench": {"errors", "atomic", "slides", "config", "models", "data", "datasets", "reports", "training", "workflows"},
+    "training": {"errors", "atomic", "ranks", "console", "config", "models", "data"},
+    "workflows": {
+        "errors",
+        "atomic",
+        "ranks",
+        "console",
+        "slides",
+        "config",
+        "models",
+        "data",
+        "datasets",
+        "reports",
+        "training",
+    },
+    "bench": {
+        "errors",
+        "atomic",
+        "console",
+        "slides",
+        "config",
+        "models",
+        "data",
+        "datasets",
+        "reports",
+        "training",
+        "workflows",
+    },
     "console": set(),
     "cli": {
         "__version__",

@@ -165,8 +165,8 @@ def _evaluate(ns: Namespace, args: list[str]) -> int:
     from loupe.workflows.evaluation import evaluate
 
     m = evaluate(ns.run, split=ns.split, out=ns.out, inference=ns.inference, samples=ns.samples)
-    share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["attention_share"].items())
-    print(f"{ns.split}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}; attention {share}")
+    share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m.attention_share.items())
+    print(f"{ns.split}: accuracy {_figure(m.accuracy)}, balanced {_figure(m.balanced_accuracy)}; attention {share}")
     return 0
 
 
@@ -230,13 +230,19 @@ def _info(ns: Namespace, args: list[str]) -> int:
 def _demo(ns: Namespace, args: list[str]) -> int:
     from loupe.workflows.demo import run_demo
 
-    m = run_demo(out=ns.out, signal_magnification=ns.signal, epochs=ns.epochs)
-    share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m["attention_share"].items())
+    result = run_demo(out=ns.out, signal_magnification=ns.signal, epochs=ns.epochs)
+    m = result.evaluation
+    share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m.attention_share.items())
     print(
-        f"demo: test accuracy {m['accuracy']:.3f}; attention {share} (planted at {m['signal_magnification']}); "
-        f"{m['timings_s']['total']} s; report: {ns.out}/report.md"
+        f"demo: test accuracy {_figure(m.accuracy)}; attention {share} (planted at {result.signal_magnification}); "
+        f"{result.timings_s.total} s; report: {ns.out}/report.md"
     )
     return 0
+
+
+def _figure(value: float | None) -> str:
+    """A metric to three decimals, or "n/a" where it is undefined (e.g. an empty split)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _export(ns: Namespace, args: list[str]) -> int:

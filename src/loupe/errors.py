@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import uuid
 from pathlib import Path
 
 
@@ -71,6 +72,42 @@ def output_error(err: OSError, folder: str | os.PathLike[str] | None = None, nee
         f"cannot write to {path} ({reason}): choose a writable output folder, or make this one writable, and run "
         "the command again"
     )
+
+
+def prepare_output_folder(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Create folder ``path`` (and its parents) and check that files can be written in it, by creating and removing
+    a small temporary file: a command learns at its start, in one message naming the folder and the fix, that its
+    outputs could not be written (not from a traceback after hours of work). ``what`` names the setting, e.g.
+    ``"output folder (--out)"``."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:  # a file (or a link to one) where the folder should be
+        raise OutputError(
+            f"{what} {folder} is a file, not a folder: choose another path, or move the file away, and run the "
+            "command again"
+        ) from err
+    except OSError as err:
+        raise OutputError(
+            f"cannot create the {what} {folder} ({_reason(err)}): choose a folder you can write to, or fix the "
+            "permissions of the one above it, and run the command again"
+        ) from err
+    probe = folder / f".loupe-write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(
+            f"cannot write in the {what} {folder} ({_reason(err)}): choose a folder you can write to, or make this "
+            "one writable, and run the command again"
+        ) from err
+    return folder
+
+
+def _reason(err: OSError) -> str:
+    """The system's words for ``err``: 'Permission denied', 'Read-only file system', 'Not a directory'..."""
+    return os.strerror(err.errno) if err.errno else (str(err) or type(err).__name__)
 
 
 def _size(n: int) -> str:

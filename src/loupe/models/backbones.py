@@ -3,6 +3,8 @@ name (:mod:`loupe.models.encoders`), any timm model by name, or a tiny CNN.
 
 Images come in as float tensors in [0, 1]; each backbone normalises them with its own mean and std (ImageNet's
 for timm models, the publisher's for registry encoders), so pretrained weights see what they were trained on.
+:class:`Backbone` itself is defined in :mod:`loupe.models.backbone_base`, below the encoders: this module builds
+backbones by name and hands registry names to :mod:`loupe.models.encoders`, which never imports this one.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from loupe.errors import ConfigError
+from loupe.models.backbone_base import IMAGENET_MEAN, IMAGENET_STD, Backbone, forward_features
+from loupe.models.weights import load_weights_only, mismatch, state_dict_of
+
+__all__ = ["TINY", "Backbone", "TinyCNN", "create_backbone", "forward_features", "is_backbone"]
 
 #: The tiny CNNs, by name: stages of (conv, strided conv); "tiny" is /16, "tiny_s8" /8 (finer attention maps).
 TINY = {"tiny": (16, 32, 64, 64), "tiny_s8": (16, 32, 64)}
@@ -43,31 +48,6 @@ class TinyCNN(nn.Module):
         return self.body(x)
 
 
-class Backbone(nn.Module):
-    """A feature extractor with a spatial map (for h) and a pooled embedding (for f)."""
-
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, net: nn.Module, num_features: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.net = net
-        self.num_features = num_features
-        #: Channels of :meth:`feature_map` (the thumbnail network's output); equal to ``num_features`` except for
-        #: registry encoders whose embedding is not a token (Virchow2's class ‖ mean, CONCH's pooled 512).
-        self.map_channels = num_features
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def feature_map(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] → (B, C, h, w)."""
-        return forward_features(self.net, (x - self.mean) / self.std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] → (B, C) by global average pooling of the feature map."""
-        return self.feature_map(x).mean(dim=(2, 3))
-
-
 def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbone:
     """Build a backbone: ``"tiny"``, ``"tiny_s8"``, a registry encoder (``"uni"``, ``"virchow2"``...:
     :data:`loupe.models.encoders.ENCODERS`) or any timm model name (``"inception_v3"``, ``"resnet34"``...).
@@ -76,18 +56,25 @@ def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbon
     checkpoint file (a state dict for that timm model), which is how weights reach machines without internet.
     Registry encoders only take a path (the file their authors publish): loupe never downloads them.
     """
-    from loupe.models.encoders import ENCODERS, create_encoder, no_download_error
+    from loupe.models.encoders import ENCODERS, create_encoder, never_downloads  # timm is imported when needed
 
     if name in ENCODERS:
         if pretrained is True:
-            raise no_download_error(name, ENCODERS[name])
+            raise never_downloads(name)
         return create_encoder(name, None if pretrained is False else pretrained)
+    path = None if isinstance(pretrained, bool) else Path(pretrained)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"pretrained checkpoint not found: {path} (give an existing file, true, or false)")
     if name in TINY:
         net = TinyCNN(TINY[name])
         if pretrained is True:
             raise ConfigError(f'the "{name}" backbone has no published weights: set pretrained to false or a path')
-        if pretrained:
-            net.load_state_dict(_load_state_dict(Path(pretrained)))
+        if path is not None:
+            state = state_dict_of(load_weights_only(path), path)
+            problem = mismatch(net.state_dict(), state)
+            if problem:
+                raise ConfigError(f'{path} does not hold the "{name}" backbone\'s weights: {problem}')
+            net.load_state_dict(state)
         return Backbone(net, net.num_features, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
     import timm
@@ -95,10 +82,7 @@ def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbon
     if not timm.is_model(name):
         raise ConfigError(f"unknown backbone {name!r}: use {', '.join(TINY)} or a timm model name (timm.list_models())")
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
-    if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise ConfigError(f"pretrained checkpoint not found: {path} (give an existing file, true, or false)")
+    if path is not None:  # timm loads the file itself, adapting it to the head-less model
         kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     else:
         kwargs["pretrained"] = bool(pretrained)
@@ -107,22 +91,9 @@ def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbon
     return Backbone(
         model,
         int(getattr(model, "num_features")),  # noqa: B009  (timm's attribute, not typed on nn.Module)
-        tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        tuple(cfg.get("mean", IMAGENET_MEAN)),
+        tuple(cfg.get("std", IMAGENET_STD)),
     )
-
-
-def _load_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise ConfigError(f"pretrained checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
-def forward_features(net: nn.Module, x: Tensor) -> Tensor:
-    """``net.forward_features(x)``: the spatial feature map of a timm model (or :class:`TinyCNN`)."""
-    out: Tensor = net.forward_features(x)  # type: ignore[operator]  # timm's method, not typed on nn.Module
-    return out
 
 
 def is_backbone(name: str) -> bool:

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
-from loupe.errors import ConfigError
-from loupe.models.backbones import Backbone
+from loupe.errors import CheckpointError, ConfigError
+from loupe.models.backbone_base import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from loupe.models.weights import load_weights_only, mismatch, state_dict_of
 
 #: How the embedding is formed from the final (normalised) tokens [class, registers..., patches...]:
 #: "cls" the class token; "cls+mean_patch" the class token concatenated with the mean of the patch tokens (register
@@ -39,8 +40,6 @@ Pooling = Literal["cls", "cls+mean_patch", "mean_patch", "attn_pool"]
 #: (Hugging Face transformers' ``Dinov2Model``, converted to timm's ``VisionTransformer`` names).
 KeyMap = Literal["timm", "hf_dinov2"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -475,7 +474,7 @@ def build_encoder(
         state = _read_weights(key, spec, Path(weights), torch.device(device or "cpu"))
         with torch.device("meta"):
             net = _build_net(spec)
-        problem = _mismatch(net.state_dict(), state)
+        problem = mismatch(net.state_dict(), state)
         if problem:
             raise weights_error(key, spec, f"{weights} does not hold {spec.name}'s weights: {problem}")
         net.load_state_dict(state, strict=True, assign=True)
@@ -496,11 +495,16 @@ def weights_error(key: str, spec: EncoderSpec, problem: str) -> ConfigError:
     )
 
 
-def no_download_error(key: str, spec: EncoderSpec) -> ConfigError:
-    """The answer to ``pretrained: true`` for a registry encoder: loupe never downloads."""
+def never_downloads(name: str, setting: str | None = None) -> ConfigError:
+    """The one answer to ``pretrained: true`` for the registry encoder ``name``: loupe never downloads weights;
+    where its authors publish them, under which licence, and the setting that takes the file (``setting``, e.g.
+    ``"joint.thumbnail_pretrained"``, when the caller knows which; else both are named)."""
+    spec = ENCODERS[name]
+    asked = f"{setting}=true: " if setting else ""
+    how = f"--{setting} /path/to/{spec.weights_file}" if setting else pass_the_file(spec)
     return ConfigError(
-        f"{spec.name} ({key}): loupe never downloads weights; get {spec.weights_file} from {spec.weights_url} under "
-        f"its licence ({spec.licence}, {spec.licence_url}) and pass its path: {pass_the_file(spec)}"
+        f"{asked}{spec.name} ({name}): loupe never downloads weights; get {spec.weights_file} from "
+        f"{spec.weights_url} under its licence ({spec.licence}, {spec.licence_url}) and pass its path: {how}"
     )
 
 
@@ -515,19 +519,9 @@ def _read_weights(key: str, spec: EncoderSpec, path: Path, device: torch.device)
     if not path.is_file():
         raise weights_error(key, spec, f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw: Any = load_file(str(path), device=str(device))
-        else:
-            raw = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        text = " ".join(str(err).split())[:200]
-        raise weights_error(key, spec, f"cannot read {path} ({type(err).__name__}: {text})") from err
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in raw.items()):
-        raise weights_error(key, spec, f"{path} is not a state dict (a mapping of names to tensors)")
+        raw = state_dict_of(load_weights_only(path, map_location=device), path)
+    except CheckpointError as err:
+        raise weights_error(key, spec, str(err).rstrip(".")) from err
     return convert_state_dict(spec, raw)
 
 
@@ -584,20 +578,3 @@ def _from_hf_dinov2(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         else:  # an incomplete triple stays as it is: reported as unexpected, the fused key as missing
             out.update(dict(parts.values()))
     return out
-
-
-def _mismatch(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
-    """'' when ``state`` has exactly the expected keys and shapes, else a one-line account of the differences."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} (file {tuple(state[k].shape)}, network {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
-        if items:
-            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-            parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
-    return "; ".join(parts)

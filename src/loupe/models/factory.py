@@ -155,7 +155,7 @@ def check_config(cfg: Config) -> Config:
     network it names exists, registry encoders take their weights from a file (loupe never downloads them), and a
     streamed trunk is convolutional. Returns ``cfg``; raises :class:`ConfigError` naming the setting."""
     from loupe.models.backbones import is_backbone
-    from loupe.models.encoders import ENCODERS, no_download_error
+    from loupe.models.encoders import ENCODERS, never_downloads
 
     entry = architecture(cfg)
     for key, name, pretrained in entry.networks(cfg):
@@ -165,7 +165,7 @@ def check_config(cfg: Config) -> Config:
                 f"({', '.join(ENCODERS)}) or a timm model name (timm.list_models())"
             )
         if name in ENCODERS and pretrained is True:
-            raise no_download_error(f"{key}_pretrained", ENCODERS[name])
+            raise never_downloads(name, f"{key}_pretrained")
         if entry.streams_trunk and name in ENCODERS:
             raise ConfigError(
                 f'{key}_backbone={name!r}: {entry.name} streams a convolutional trunk (e.g. "resnet34"); registry '

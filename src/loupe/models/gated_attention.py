@@ -12,11 +12,14 @@ from torch import Tensor, nn
 class GatedAttention(nn.Module):
     """Pools a bag of instance embeddings (B, N, D) into one embedding (B, D) with gated attention weights."""
 
-    def __init__(self, in_features: int, hidden: int = 128, dropout: float = 0.0) -> None:
+    def __init__(self, in_features: int, hidden: int = 128, dropout: float = 0.0, *, score_bias: bool = True) -> None:
+        """``score_bias=False`` leaves the bias out of ``w``: it shifts every score alike, so the softmax cancels it
+        and its gradient is rounding noise (what a gradient comparison, e.g. ``loupe bench streaming``, would
+        report as the worst parameter); the attention weights are the same either way."""
         super().__init__()
         self.value = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Dropout(dropout))
         self.gate = nn.Sequential(nn.Linear(in_features, hidden), nn.Sigmoid(), nn.Dropout(dropout))
-        self.score = nn.Linear(hidden, 1)
+        self.score = nn.Linear(hidden, 1, bias=score_bias)
 
     def scores(self, h: Tensor) -> Tensor:
         """Unnormalised attention scores (B, N) of instances (B, N, D)."""

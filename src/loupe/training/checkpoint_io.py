@@ -7,8 +7,8 @@ file in place; but nothing is fsynced, so after a power loss or a kernel crash t
 short, and the temporary files of killed writes are left behind. Its resume load (``Trainer.fit(ckpt_path=...)``)
 passes ``weights_only=None``, which means "unpickle anything" with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set. Here
 the file is written beside the target, fsynced, renamed with ``os.replace`` and the folder fsynced; every load is
-weights-only; a full disk or a read-only folder becomes one :class:`~loupe.errors.OutputError` naming the folder
-and the space needed.
+weights-only (:func:`loupe.models.weights.load_weights_only`, the one loader of weights files); a full disk or a
+read-only folder becomes one :class:`~loupe.errors.OutputError` naming the folder and the space needed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import pickle
 import time
 import zipfile
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from loupe.atomic import atomic_write, write_text
 from loupe.errors import CheckpointError, is_write_refusal, output_error
+from loupe.models.weights import load_weights_only  # the one loader; imported from here by the workflows
 
 log = logging.getLogger("loupe")
 
@@ -36,25 +36,6 @@ __all__ = ["RESUMES_FILE", "SafeCheckpointIO", "clean_temporaries", "load_weight
 
 #: The run folder's record of how many times training resumed, and from what.
 RESUMES_FILE = "resumes.json"
-
-
-def load_weights_only(path: str | os.PathLike[str], map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors, containers and plain values only, never pickled code.
-    A file holding other objects, or one that is not a complete checkpoint, raises :class:`CheckpointError`."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects other than weights ({first}); loupe loads checkpoints "
-            "and weights weights-only, so that a file cannot run code. Use a checkpoint written by loupe, or save "
-            "the model's state_dict() alone"
-        ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(
-            f"{path}: not a complete PyTorch checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "
-            "it may be truncated or damaged; delete it to fall back on an earlier checkpoint"
-        ) from err
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 
 from loupe.config import TrainConfig
 from loupe.models.runtime import resolve_device
+from loupe.training.progress import progress_callbacks
 
 
 def build_trainer(
@@ -30,9 +32,14 @@ def build_trainer(
 
     With several GPUs, BatchNorm layers are synchronised across ranks (statistics of the whole batch, as one
     process would compute them); PyTorch's SyncBatchNorm does not run on CPU, where each rank normalises over its
-    own share of the batch."""
+    own share of the batch.
+
+    Progress (``progress_bar``, default ``train.progress_bar``): Lightning's bar on a terminal; in a log (stderr not
+    a terminal: CI, SLURM, nohup) one line per epoch instead (:class:`~loupe.training.progress.EpochLog`)."""
     device = resolve_device(cfg.accelerator)
-    bar = cfg.progress_bar if progress_bar is None else progress_bar
+    given = any(isinstance(c, ProgressBar) for c in callbacks)  # a caller's own bar replaces loupe's
+    shown = [] if given else progress_callbacks(cfg.progress_bar if progress_bar is None else progress_bar)
+    bar = given or any(isinstance(c, ProgressBar) for c in shown)
     accelerator = "gpu" if device.type == "cuda" else ("mps" if cfg.accelerator == "mps" else "cpu")
     distributed = cfg.devices * cfg.num_nodes > 1
     strategy = "ddp" if cfg.strategy == "auto" and distributed else cfg.strategy
@@ -45,7 +52,7 @@ def build_trainer(
         strategy=strategy,
         sync_batchnorm=distributed and accelerator == "gpu",
         precision=cfg.precision,  # type: ignore[arg-type]
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, *shown],
         logger=logger,
         enable_checkpointing=checkpoints,
         enable_progress_bar=bar,

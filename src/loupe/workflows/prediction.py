@@ -41,11 +41,19 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from loupe.config import Config
+from loupe.console import Progress
 from loupe.data.catalog import SlideCatalog
 from loupe.data.loading import PreparedSlide, PreparedSlides, collate_slides, prepared_loader
 from loupe.data.manifest import SlideRecord, load_manifest, manifest_from_paths
 from loupe.data.pixels import SlidePixels
-from loupe.errors import ConfigError, ManifestError, describe_error, is_write_refusal, output_error
+from loupe.errors import (
+    ConfigError,
+    ManifestError,
+    describe_error,
+    is_write_refusal,
+    output_error,
+    prepare_output_folder,
+)
 from loupe.models import InferenceSettings, SlideClassifier, resolve_inference
 from loupe.models.runtime import GPU_ACCELERATORS, Runtime
 from loupe.slides.cache import file_identity
@@ -60,10 +68,14 @@ from loupe.workflows.worker_pool import run_workers, visible_gpus
 
 log = logging.getLogger("loupe")
 
-__all__ = ["TIMING_STEPS", "PredictionRun", "collect_records", "predict"]
+__all__ = ["TIMING_STEPS", "PredictOptions", "PredictionRun", "collect_records", "predict"]
 
 #: Default DataLoader processes preparing slides ahead of the model, per worker.
 LOADER_WORKERS = 2
+#: A worker with at most this many slides to do logs one line per slide (its class and time); with more, a line
+#: every 30 s (slides done of all, failed, rate, time left: :class:`loupe.console.Progress`), and one per failed
+#: slide. On a terminal a progress bar replaces both, failures printed above it.
+PER_SLIDE_LINES = 50
 
 
 @dataclass
@@ -162,28 +174,45 @@ def _settings_record(cfg: Config, inference: InferenceSettings, checkpoint: Path
     }
 
 
-def _job(
-    run: str | Path,
-    slides: Sequence[str | Path],
-    out: str | Path,
-    *,
-    inference: str | None,
-    samples: int | None,
-    slide_mpp: float | None,
-    tissue: bool | None,
-    k: int | None,
-    since: float | None,
-) -> _Job:
-    cfg, ckpt = run_checkpoint(run)
+@dataclass(frozen=True)
+class PredictOptions:
+    """A prediction request as :func:`predict` was given it (after its checks): what every worker builds its job
+    from. Frozen and picklable: ``workers=N`` hands it whole to each worker process."""
+
+    run: Path
+    slides: tuple[str | Path, ...]
+    out: Path
+    inference: str | None = None
+    samples: int | None = None
+    slide_mpp: float | None = None
+    tissue: bool | None = None
+    k: int | None = None
+    since: float | None = None
+    """``overwrite``: slides finished before this time (``time.time()``) are redone."""
+    loader_workers: int = LOADER_WORKERS
+    claim_expiry_s: float = EXPIRY_S
+
+
+@dataclass(frozen=True)
+class _WorkerTask:
+    """What one worker process of ``predict(workers=N)`` is given: the request and its worker name."""
+
+    options: PredictOptions
+    worker: str
+
+
+def _job(options: PredictOptions) -> _Job:
+    cfg, ckpt = run_checkpoint(options.run)
     data = cfg.data
-    if slide_mpp is not None:
-        data = dataclasses.replace(data, slide_mpp=slide_mpp)
-    if tissue is not None:
-        data = dataclasses.replace(data, tissue=tissue)
+    if options.slide_mpp is not None:
+        data = dataclasses.replace(data, slide_mpp=options.slide_mpp)
+    if options.tissue is not None:
+        data = dataclasses.replace(data, tissue=options.tissue)
     cfg = dataclasses.replace(cfg, data=data)
-    records = collect_records(slides, out)
-    settings = resolve_inference(cfg, inference, samples, k)
-    return _Job(Path(run), cfg, records, settings, _settings_record(cfg, settings, ckpt), Path(out), since)
+    records = collect_records(options.slides, options.out)
+    settings = resolve_inference(cfg, options.inference, options.samples, options.k)
+    record = _settings_record(cfg, settings, ckpt)
+    return _Job(options.run, cfg, records, settings, record, options.out, options.since)
 
 
 def predict(
@@ -219,13 +248,23 @@ def predict(
     if not claim_expiry_s > 0:
         raise ConfigError(f"--claim-expiry {claim_expiry_s}: expected a number of seconds > 0")
     loaders = loader_workers if loader_workers is not None else (0 if workers == 0 else LOADER_WORKERS)
-    since = time.time() if overwrite else None
-    options: dict[str, Any] = {"inference": inference, "samples": samples, "slide_mpp": slide_mpp}
-    options |= {"tissue": tissue, "k": k}
-    job = _job(run, slides, out, **options, since=since)
+    options = PredictOptions(
+        run=Path(run),
+        slides=tuple(slides),
+        out=prepare_output_folder(out, "output folder (--out)"),  # before any slide is read
+        inference=inference,
+        samples=samples,
+        slide_mpp=slide_mpp,
+        tissue=tissue,
+        k=k,
+        since=time.time() if overwrite else None,
+        loader_workers=loaders,
+        claim_expiry_s=claim_expiry_s,
+    )
+    job = _job(options)
     token = uuid.uuid4().hex[:12]
     if workers <= 1:
-        status, processed = _work(job, worker=token, loader_workers=loaders, claim_expiry_s=claim_expiry_s)
+        status, processed = _work(job, options, worker=token)
         return PredictionRun(status, processed)
 
     states = job.states()
@@ -233,11 +272,9 @@ def predict(
     count = min(workers, todo)
     if count:
         log.info("%d of %d slides to do: starting %d workers", todo, len(job.records), count)
-        common = {"run": run, "slides": list(slides), "out": out, **options, "since": since}
-        common |= {"loader_workers": loaders, "claim_expiry_s": claim_expiry_s}
-        kwargs = [{**common, "worker": f"{token}-{i + 1}"} for i in range(count)]
+        tasks = [_WorkerTask(options, f"{token}-{i + 1}") for i in range(count)]
         gpus = visible_gpus() if job.cfg.train.accelerator in GPU_ACCELERATORS else []
-        run_workers(_worker_main, kwargs, gpus=gpus)
+        run_workers(_worker_main, tasks, gpus=gpus)
     else:
         log.info("all %d slides already done or failed with unchanged inputs", len(job.records))
     status = job.merge(states)  # after every worker: sees all of them
@@ -245,25 +282,15 @@ def predict(
     return PredictionRun(status, processed)
 
 
-def _worker_main(
-    *,
-    run: str | Path,
-    slides: Sequence[str | Path],
-    out: str | Path,
-    worker: str,
-    loader_workers: int,
-    claim_expiry_s: float,
-    since: float | None,
-    **options: Any,
-) -> None:
-    """One worker process of ``predict(workers=N)``."""
-    job = _job(run, slides, out, **options, since=since)
-    _work(job, worker=worker, loader_workers=loader_workers, claim_expiry_s=claim_expiry_s)
+def _worker_main(task: _WorkerTask) -> None:
+    """One worker process of ``predict(workers=N)``: progress as log lines (N bars cannot share one terminal)."""
+    _work(_job(task.options), task.options, worker=task.worker, bar=False)
 
 
-def _work(job: _Job, *, worker: str, loader_workers: int, claim_expiry_s: float) -> tuple[RunStatus, list[str]]:
+def _work(job: _Job, options: PredictOptions, *, worker: str, bar: bool | None = None) -> tuple[RunStatus, list[str]]:
     """One worker: every slide of the job it can claim, then the slides held by workers that died; then the merge.
-    Returns the merged status and the slides this worker processed."""
+    Returns the merged status and the slides this worker processed. ``bar``: a progress bar (default: on a
+    terminal), else progress lines."""
     states = job.states()
     todo = [i for i in range(len(job.records)) if job.pending(states, i)]
     skipped = len(job.records) - len(todo)
@@ -271,12 +298,14 @@ def _work(job: _Job, *, worker: str, loader_workers: int, claim_expiry_s: float)
         log.info("%d of %d slides already done or failed with unchanged inputs: skipped", skipped, len(job.records))
     processed: list[str] = []
     slides_dir = job.out / "slides"
-    with Claims(job.out / "claims", expiry_s=claim_expiry_s, owner=Owner.current(worker)) as claims:
+    owner = Owner.current(worker)
+    with Claims(job.out / "claims", expiry_s=options.claim_expiry_s, owner=owner) as claims:
         claims.sweep()
         states.sweep(claims.expiry_s)
         clean_partials(slides_dir, busy=lambda slide_id: claims.state(slide_id) == "live")
         if todo:
-            processed = _predict_claimed(job, todo, states, claims, loader_workers)
+            with Progress(len(todo), "slides", label="predict", bar=bar) as progress:
+                processed = _predict_claimed(job, todo, states, claims, options.loader_workers, progress)
         clean_partials(slides_dir, busy=lambda slide_id: claims.state(slide_id) == "live")
         # A worker killed after recording a slide but before releasing its claim leaves the claim behind.
         claims.clear_stale([rec.slide_id for rec in job.records])
@@ -287,8 +316,9 @@ class _ClaimingSampler(Sampler[int]):
     """The slides of ``order`` this worker claims, in order, drawn as the loader needs them: finished slides are
     skipped, slides claimed by other workers are set aside in ``contended``."""
 
-    def __init__(self, order: list[int], job: _Job, states: SlideStates, claims: Claims) -> None:
+    def __init__(self, order: list[int], job: _Job, states: SlideStates, claims: Claims, progress: Progress) -> None:
         self.order, self.job, self.states, self.claims = order, job, states, claims
+        self.progress = progress  # counts the slides finished by other workers too: the cohort's progress
         self.contended: list[int] = []
         self.claimed = 0
 
@@ -296,26 +326,30 @@ class _ClaimingSampler(Sampler[int]):
         for i in self.order:
             slide_id = self.job.records[i].slide_id
             if not self.job.pending(self.states, i):
-                continue  # finished by another worker since
+                self.progress.advance()  # finished by another worker since
+                continue
             if not self.claims.acquire(slide_id):
                 self.contended.append(i)
                 continue
             if not self.job.pending(self.states, i):  # finished between our look and our claim
                 self.claims.release(slide_id)
+                self.progress.advance()
                 continue
             self.states.forget(slide_id)  # a state never describes an older folder
             self.claimed += 1
             yield i
 
 
-def _predict_claimed(job: _Job, todo: list[int], states: SlideStates, claims: Claims, loader_workers: int) -> list[str]:
+def _predict_claimed(
+    job: _Job, todo: list[int], states: SlideStates, claims: Claims, loader_workers: int, progress: Progress
+) -> list[str]:
     """Predict the slides of ``todo`` this worker claims; then wait for those others hold, taking over the claims
     of the dead, until every slide of ``todo`` is finished. Returns the slides processed here."""
     run_cfg, model, _ = load_run(job.run)
     cfg = dataclasses.replace(run_cfg, data=job.cfg.data)  # as the model was loaded (older runs), our overrides
     catalog = make_catalog(job.records, cfg)
     position = {i: n for n, i in enumerate(todo, start=1)}
-    recorder = _Recorder(job, states, claims, len(todo))
+    recorder = _Recorder(job, states, claims, len(todo), progress)
     pixels = make_pixels(catalog, cfg, model)
     runtime = runtime_of(cfg)
     dataset = PreparedSlides(catalog, range(len(job.records)))
@@ -324,7 +358,7 @@ def _predict_claimed(job: _Job, todo: list[int], states: SlideStates, claims: Cl
     order, first, waiting = todo, True, False
     try:
         while order:
-            sampler = _ClaimingSampler(order, job, states, claims)
+            sampler = _ClaimingSampler(order, job, states, claims, progress)
             loader = prepared_loader(dataset, loader_workers if first and len(order) > 1 else 0, sampler=sampler)
             writes = _Writes(recorder, job.out / "slides", job.classes, job.labels, job.settings)
             try:
@@ -344,6 +378,7 @@ def _predict_claimed(job: _Job, todo: list[int], states: SlideStates, claims: Cl
             finally:
                 writes.finish()
             order = [i for i in sampler.contended if job.pending(states, i)]
+            progress.advance(len(sampler.contended) - len(order))  # finished by the workers that held them
             if order and not sampler.claimed:
                 if not waiting:
                     log.info("waiting for %d slide(s) held by other workers", len(order))
@@ -357,10 +392,14 @@ def _predict_claimed(job: _Job, todo: list[int], states: SlideStates, claims: Cl
 
 
 class _Recorder:
-    """Records a slide's outcome (its state file), gives its claim up, then logs it (a slide logged is recorded)."""
+    """Records a slide's outcome (its state file), gives its claim up, then logs it (a slide logged is recorded):
+    a failed slide always, a finished one in a line of its own up to :data:`PER_SLIDE_LINES` slides to do (and no
+    bar), else in the progress."""
 
-    def __init__(self, job: _Job, states: SlideStates, claims: Claims, total: int) -> None:
+    def __init__(self, job: _Job, states: SlideStates, claims: Claims, total: int, progress: Progress) -> None:
         self.job, self.states, self.claims, self.total = job, states, claims, total
+        self.progress = progress
+        self.level = logging.INFO if total <= PER_SLIDE_LINES and not progress.bar else logging.DEBUG
 
     def done(self, i: int, result: SlideResult, n: int) -> None:
         rec = self.job.records[i]
@@ -368,7 +407,8 @@ class _Recorder:
         self.states.done(rec.slide_id, str(rec.path), timings, self.claims.owner.worker)
         self.claims.release(rec.slide_id)
         predicted = self.job.classes[int(np.argmax(result.probs))]
-        log.info("[%d/%d] %s: %s (%.2f s)", n, self.total, rec.slide_id, predicted, sum(timings.values()))
+        log.log(self.level, "[%d/%d] %s: %s (%.2f s)", n, self.total, rec.slide_id, predicted, sum(timings.values()))
+        self.progress.advance()
 
     def fail(self, i: int, reason: str, n: int) -> None:
         rec = self.job.records[i]
@@ -376,6 +416,7 @@ class _Recorder:
         self.states.failed(rec.slide_id, str(rec.path), reason, fp, self.claims.owner.worker)
         self.claims.release(rec.slide_id)
         log.error("[%d/%d] %s failed: %s", n, self.total, rec.slide_id, reason)
+        self.progress.advance(failed=1)
 
 
 MAX_PENDING_WRITES = 2

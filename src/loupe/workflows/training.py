@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -18,7 +18,7 @@ from loupe.data.catalog import SKIPPED_SLIDES_FILE, SlideFailures
 from loupe.data.loading import ThumbnailDataset, make_loader
 from loupe.data.manifest import Manifest, load_manifest, save_manifest
 from loupe.data.splits import assign_splits, group_kfold
-from loupe.errors import ConfigError
+from loupe.errors import ConfigError, prepare_output_folder
 from loupe.models import build_model, check_config
 from loupe.ranks import is_first_process
 from loupe.reports.io import write_json, write_text
@@ -68,7 +68,7 @@ def train(cfg: Config, *, out: str | Path, callbacks: Sequence[L.Callback] = ())
     ``callbacks`` are added to the Trainer's own (Lightning callbacks: extra logging, early stopping...).
     """
     check_config(cfg)  # the networks it names, before any slide is opened
-    paths = RunPaths(Path(out))
+    paths = RunPaths(prepare_output_folder(out, "run folder (--out)"))  # writable, before any slide is opened
     manifest = prepare_manifest(cfg)
     records = list(manifest.records)
     catalog = make_catalog(records, cfg)
@@ -80,7 +80,6 @@ def train(cfg: Config, *, out: str | Path, callbacks: Sequence[L.Callback] = ())
         failures.add(position[problem.record.slide_id], problem.reason, "before training", check=False)
     failures.check()
 
-    paths.root.mkdir(parents=True, exist_ok=True)
     data = dataclasses.replace(cfg.data, manifest=str(paths.manifest.resolve()), classes=list(manifest.classes))
     cfg = dataclasses.replace(cfg, data=data)
     if not is_first_process():  # of a DDP run: every rank runs this function, the first writes and reports
@@ -121,10 +120,9 @@ def train(cfg: Config, *, out: str | Path, callbacks: Sequence[L.Callback] = ())
     # it only when the monitored value improves: a killed run would resume from the last improvement, not the last
     # epoch. A checkpoint without a monitor writes every epoch; listed after "best", it holds best's state too.
     last = ModelCheckpoint(dirpath=paths.checkpoints, filename="last", enable_version_counter=False)
-    bar = [TQDMProgressBar(refresh_rate=10)] if cfg.train.progress_bar else []  # per-step redraws cost ~40%
-    trainer = build_trainer(
+    trainer = build_trainer(  # with a bar on a terminal, one line per epoch in a log (train.progress_bar)
         cfg.train,
-        callbacks=[checkpoint, last, LearningRateMonitor(logging_interval="epoch"), *bar, *callbacks],
+        callbacks=[checkpoint, last, LearningRateMonitor(logging_interval="epoch"), *callbacks],
         logger=CSVLogger(paths.root, name="logs"),  # logs/version_N: a resumed run keeps earlier logs
     )
     trainer.strategy.checkpoint_io = SafeCheckpointIO()  # atomic, durable writes; weights-only loads

@@ -17,9 +17,12 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 log = logging.getLogger("loupe")
+
+#: What a worker is given: a picklable value (``spawn`` sends it to the new process), e.g. a frozen dataclass.
+Task = TypeVar("Task")
 
 #: Seconds the workers get to stop by themselves (finishing a write, releasing their claims) when interrupted.
 STOP_GRACE_S = 10.0
@@ -35,10 +38,8 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def _entry(
-    target: Callable[..., Any], kwargs: dict[str, Any], index: int, count: int, gpu: str | None, level: int
-) -> None:
-    """What a worker process runs: its console and GPU first, then ``target(**kwargs)``."""
+def _entry(target: Callable[[Task], object], task: Task, index: int, count: int, gpu: str | None, level: int) -> None:
+    """What a worker process runs: its console and GPU first, then ``target(task)``."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything initialises CUDA in this process
     # Stopped (SIGTERM) as when interrupted: the claims held are released on the way out, for the others.
@@ -51,19 +52,20 @@ def _entry(
     logger.propagate = False
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
-    target(**kwargs)
+    target(task)
 
 
-def run_workers(target: Callable[..., Any], kwargs: Sequence[dict[str, Any]], *, gpus: Sequence[str] = ()) -> list[int]:
-    """Run ``target(**kwargs[i])`` in one process per item, at once, and wait for all; returns their exit codes
-    (0: finished; negative: killed by that signal). ``gpus``: the GPUs to deal out, one per worker in turn."""
+def run_workers(target: Callable[[Task], object], tasks: Sequence[Task], *, gpus: Sequence[str] = ()) -> list[int]:
+    """Run ``target(tasks[i])`` in one process per task, at once, and wait for all; returns their exit codes
+    (0: finished; negative: killed by that signal). ``target`` must be a module-level function and each task
+    picklable. ``gpus``: the GPUs to deal out, one per worker in turn."""
     context = multiprocessing.get_context("spawn")
     level = log.getEffectiveLevel()
-    count = len(kwargs)
+    count = len(tasks)
     processes = []
-    for i, kw in enumerate(kwargs):
+    for i, task in enumerate(tasks):
         gpu = gpus[i % len(gpus)] if len(gpus) > 1 else None
-        p = context.Process(target=_entry, args=(target, kw, i, count, gpu, level), name=f"loupe-worker-{i + 1}")
+        p = context.Process(target=_entry, args=(target, task, i, count, gpu, level), name=f"loupe-worker-{i + 1}")
         p.start()
         log.info("worker %d/%d started (pid %d%s)", i + 1, count, p.pid, f", GPU {gpu}" if gpu else "")
         processes.append(p)
