@@ -158,3 +158,41 @@ def test_two_processes_writing_one_entry_never_leave_a_torn_one(tmp_path):
     assert seen <= {1, 2}
     files = [f for f in root.rglob("*") if f.is_file()]
     assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary file left behind
+
+
+def test_npz_entries_are_read_one_header_at_a_time_from_many_threads(tmp_path, monkeypatch):
+    """NumPy parses .npz headers with ast.literal_eval, which CPython 3.11.7 can fail when two threads construct
+    ASTs at once (a slide was skipped in CI for it): read_npz never lets two headers be parsed together."""
+    import ast
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loupe.slides.cache import read_npz
+
+    files = []
+    for i in range(8):
+        f = tmp_path / f"e{i}.npz"
+        np.savez(f, a=np.full(3, i), b=np.zeros((2, 2)))
+        files.append(f)
+    inside, most = 0, 0
+    count = threading.Lock()
+    parse = ast.literal_eval
+
+    def watched(source):  # widens the window two unguarded threads would share
+        nonlocal inside, most
+        with count:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.005)
+        try:
+            return parse(source)
+        finally:
+            with count:
+                inside -= 1
+
+    monkeypatch.setattr(ast, "literal_eval", watched)
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(read_npz, files * 4))
+    assert most == 1
+    assert [int(r["a"][0]) for r in read] == list(range(8)) * 4

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from loupe.atomic import atomic_write
 from loupe.data.catalog import SlideCatalog
-from loupe.slides.cache import cache_key, default_cache_dir
+from loupe.slides.cache import cache_key, default_cache_dir, read_npz
 
 log = logging.getLogger("loupe")
 
@@ -86,7 +86,7 @@ class EmbeddingCache:
         for _ in range(3):  # a chunk merged away by another process between listing and reading: list again
             files = sorted(folder.glob("chunk-*.npz")) if folder.is_dir() else []
             try:
-                parts = [np.load(f) for f in files]
+                parts = [read_npz(f) for f in files]
                 cells = [p["cells"] for p in parts]
                 feats = [p["features"] for p in parts]
             except FileNotFoundError:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +31,19 @@ log = logging.getLogger("loupe")
 CACHE_VERSION = 1
 
 ENV_VAR = "LOUPE_CACHE_DIR"
+
+#: One reader of ``.npz`` headers at a time in this process. NumPy parses each member's header with
+#: ``ast.literal_eval``, and CPython 3.11 (3.11.7 here; cpython#106905) can fail two concurrent AST constructions
+#: with a spurious ``SystemError: AST constructor recursion depth mismatch``: the catalog's and the loader's
+#: read-ahead threads read cache entries at once, and a slide would be skipped for it. The entries are small, so
+#: reading them one at a time costs nothing measurable.
+_NPZ_LOCK = threading.Lock()
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (no pickles), safe to call from many threads at once."""
+    with _NPZ_LOCK, np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
 
 
 def default_cache_dir() -> Path:
@@ -84,8 +98,7 @@ class SlideCache:
         if entry is None:
             return None
         try:  # no existence check first: the entry may vanish or be replaced at any moment
-            with np.load(entry, allow_pickle=False) as data:
-                return {name: data[name] for name in data.files}
+            return read_npz(entry)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
 
