@@ -162,6 +162,7 @@ def test_wrong_typed_values_give_one_message(capsys, tmp_path: Path, key: str):
         (["--joint.k", "x"], ["joint.k=x", "an integer"]),
         (["--model.architecture", "transmil"], ["model.architecture='transmil'", "joint, gated_mil, streamingclam"]),
         (["--data.fold", "5", "--data.folds", "5"], ["data.fold=5", "[0, 5)"]),
+        (["--data.backend", "vips"], ["data.backend='vips'", "auto, openslide, tiffslide, image"]),
         (["--data.val_fraction", "0.6", "--data.test_fraction", "0.5"], ["data.val_fraction + data.test_fraction"]),
     ],
 )

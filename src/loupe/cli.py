@@ -102,11 +102,13 @@ def _predict_parser(prog: str) -> ArgumentParser:
 
 
 def _info_parser(prog: str) -> ArgumentParser:
+    from loupe.slides.formats import BACKENDS
+
     parser = _parser(prog)
     parser.add_argument("slides", nargs="+", help="slide files")
     parser.add_argument("--config", default=None, help="a config whose magnifications to place on the slide")
     parser.add_argument("--slide-mpp", "--slide_mpp", dest="slide_mpp", type=float | None, default=None)
-    parser.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     return parser
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from loupe.config.architectures import SECTIONS, ArchitectureSettings, GatedMILConfig, JointConfig, StreamingCLAMConfig
-from loupe.config.checks import Rule, plain, show
+from loupe.config.checks import Rule, one_of, plain, show
 from loupe.config.sections import DataConfig, ModelConfig, TrainConfig
 from loupe.errors import ConfigError
 
@@ -88,7 +88,11 @@ def validate_config(cfg: Config) -> None:
             f"model.magnification_labels={show(m.magnification_labels)}: expected one label per magnification "
             f"({len(m.magnifications)}: {', '.join(m.magnifications)})"
         )
-    from loupe.slides.magnification import parse_magnifications  # the slides layer owns the notation
+    from loupe.slides.formats import BACKENDS  # the slides layer owns its readers' names
+    from loupe.slides.magnification import parse_magnifications  # and the notation
+
+    if cfg.data.backend not in BACKENDS:
+        raise ConfigError(f"data.backend={show(cfg.data.backend)}: expected {one_of(BACKENDS)[1]}")
 
     parse_magnifications(m.magnifications, m.magnification_labels)
     if cfg.section().one_magnification and len(m.magnifications) != 1:

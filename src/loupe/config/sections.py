@@ -5,7 +5,7 @@ by setting name), checked when a config is built."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from loupe.config.architectures import SECTIONS
 from loupe.config.checks import (
@@ -41,9 +41,9 @@ class DataConfig:
     """Class order; default: the sorted labels of the manifest."""
     slide_mpp: float | None = None
     """µm/px for slides whose files carry none (a manifest mpp column wins per slide)."""
-    backend: Literal["auto", "openslide", "tiffslide", "image"] = "auto"
-    """auto: OpenSlide for slides, Pillow/tifffile for plain images; tiffslide needs the extra
-    `pip install 'loupe[tiffslide]'`."""
+    backend: str = "auto"
+    """auto, openslide, tiffslide or image (the list: :data:`loupe.slides.formats.BACKENDS`). auto: OpenSlide for
+    slides, Pillow/tifffile for plain images; tiffslide needs the extra `pip install 'loupe[tiffslide]'`."""
     tissue: bool = True
     """Detect tissue on an overview image and give background cells zero attention (off for images that are
     all tissue, such as BACH)."""

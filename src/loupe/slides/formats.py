@@ -19,3 +19,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 
 SLIDE_SUFFIXES: tuple[str, ...] = WSI_SUFFIXES + TIFF_SUFFIXES + DICOM_SUFFIXES + IMAGE_SUFFIXES
 """Every suffix of a slide file: what a folder of slides is searched for."""
+
+BACKENDS: tuple[str, ...] = ("auto", "openslide", "tiffslide", "image")
+"""The readers a slide can be opened with (``data.backend``, ``--backend``); 'auto' picks by file
+(:func:`loupe.slides.open.choose_backend`). The one list: the settings, the command line and the opener read it."""

@@ -9,13 +9,13 @@ from pathlib import Path
 import openslide
 
 from loupe.errors import ConfigError, SlideError
-from loupe.slides.formats import IMAGE_SUFFIXES, TIFF_SUFFIXES
+from loupe.slides.formats import BACKENDS, IMAGE_SUFFIXES, TIFF_SUFFIXES
 from loupe.slides.image_reader import ImageReader
 from loupe.slides.openslide_reader import OpenSlideReader, resolve_dicom_path
 from loupe.slides.reader import SlideReader
 from loupe.slides.tiffslide_reader import TiffSlideReader
 
-BACKENDS = ("auto", "openslide", "tiffslide", "image")
+__all__ = ["BACKENDS", "check_header", "choose_backend", "open_slide"]
 
 
 def choose_backend(path: Path) -> str:
