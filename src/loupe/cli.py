@@ -273,21 +273,23 @@ def _import_bach(ns: Namespace, args: list[str]) -> int:
 
 
 def _bench(ns: Namespace, args: list[str]) -> int:
-    if args and args[0] == "wsi":
-        from loupe.bench.wsi import wsi_command
+    from loupe.bench.commands import run_bench_command
 
-        return wsi_command(args[1:])
-    if args and args[0] == "streaming":
-        from loupe.bench.streaming import streaming_command
+    return run_bench_command(args)
 
-        return streaming_command(args[1:])
-    if args and args[0] == "sparse":
-        from loupe.bench.sparse import sparse_command
 
-        return sparse_command(args[1:])
-    from loupe.bench import bench_command
+def _bench_summary() -> str:
+    from loupe.bench.commands import BENCH_COMMANDS, DEFAULT
 
-    return bench_command(args)
+    others = "; ".join(f"`bench {name}`: {c.summary}" for name, c in BENCH_COMMANDS.items() if name != DEFAULT)
+    return f"{BENCH_COMMANDS[DEFAULT].summary}; {others}"
+
+
+def _bench_usage() -> str:
+    from loupe.bench.commands import BENCH_COMMANDS, DEFAULT
+
+    names = ",".join(name for name in BENCH_COMMANDS if name != DEFAULT)
+    return f"bench [--config CONFIG] --out DIR [--quick | --accuracy] | bench {{{names}}} ... (--help: its options)"
 
 
 COMMANDS: dict[str, Command] = {
@@ -335,14 +337,7 @@ COMMANDS: dict[str, Command] = {
         _import_bach_parser,
         _import_bach,
     ),
-    "bench": Command(
-        "the paper's speed tables and a profile (--accuracy: joint vs baselines trained on the same splits; "
-        "`bench wsi`: whole-slide cost against patch-everything; `bench streaming`: the streaming engine; "
-        "`bench sparse`: learning when the evidence is under 1% of the image, across seeds)",
-        "bench [--config CONFIG] --out DIR [--quick | --accuracy] | bench {wsi,streaming,sparse} ...",
-        _parser,
-        _bench,
-    ),
+    "bench": Command(_bench_summary(), _bench_usage(), _parser, _bench),
 }
 
 
@@ -382,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_console(with_lightning=name not in ("info", "import-bach"))
     try:
-        if name == "bench":  # parses its own options (and `bench streaming ...`)
+        if name == "bench":  # parses its subcommand's options (loupe.bench.commands)
             return command.run(_empty_namespace(), rest)
         if name == "train" and rest and not rest[0].startswith("-"):
             rest = ["--config", rest[0], *rest[1:]]  # `loupe train CONFIG ...`

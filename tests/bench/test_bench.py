@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from loupe.bench import run_accuracy, run_bench
+from loupe.bench.commands import BENCH_COMMANDS, new_parser
 from loupe.bench.data import Geometry, generate_images, geometry_config
 from loupe.bench.speed import Variant, variants
 from loupe.cli import main
@@ -115,7 +116,42 @@ def test_cli_bench_runs_a_config_and_dispatches_streaming(tmp_path: Path, monkey
 
     seen = []
     fake = types.ModuleType("loupe.bench.streaming")
-    fake.streaming_command = lambda rest: seen.append(rest) or 0
+
+    def build_parser(prog):
+        parser = new_parser(prog)
+        parser.add_argument("--tiles", type=int, required=True)
+        return parser
+
+    fake.build_parser = build_parser
+    fake.run_command = lambda ns: seen.append(ns.tiles) or 0
     monkeypatch.setitem(sys.modules, "loupe.bench.streaming", fake)
     assert main(["bench", "streaming", "--tiles", "2"]) == 0
-    assert seen == [["--tiles", "2"]]
+    assert seen == [2]
+
+
+@pytest.mark.parametrize("name", sorted(BENCH_COMMANDS))
+def test_every_bench_subcommand_has_its_parser_and_runner_and_lists_its_options(name: str, capsys):
+    module = BENCH_COMMANDS[name].load()
+    assert callable(module.run_command)
+    with pytest.raises(SystemExit) as done:
+        main(["bench", name, "--help"])
+    assert done.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["nope", "--out", "x"], ["unknown bench 'nope'", "tables, wsi, streaming, sparse"]),
+        (["wsi", "--out", "x", "--k", "many"], ["k=many", "integer"]),
+        (["sparse", "--out", "x", "--seeds"], ["--seeds"]),
+        (["streaming", "--out", "x"], ["required", "size"]),
+        (["--out", "x", "--repeats", "two"], ["repeats=two"]),
+    ],
+)
+def test_bad_bench_options_are_one_line_and_exit_status_2(args: list[str], needles: list[str], capsys):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err

@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
-from loupe.bench.streaming import streaming_command, tissue_mask
+from loupe.bench.commands import run_bench_command
+from loupe.bench.streaming import tissue_mask
 
 
 @pytest.mark.slow  # ~27 s: one step streamed and ordinary, each in a fresh process
 def test_tiny_streaming_bench_writes_measurements(tmp_path):
     out = tmp_path / "bench"
-    assert streaming_command(["--size", "128", "--tile", "64", "--out", str(out), "--arch", "resnet18"]) == 0
+    argv = ["streaming", "--size", "128", "--tile", "64", "--out", str(out), "--arch", "resnet18"]
+    assert run_bench_command(argv) == 0
     data = json.loads((out / "streaming.json").read_text())
     for key in ("peak_mem_streamed_bytes", "peak_mem_ordinary_bytes", "max_rel_grad_diff", "time_streamed_s"):
         assert key in data
@@ -60,7 +62,7 @@ def test_streaming_bench_options_per_crop_image_kept_rows_and_sub_streamed_stem(
     out = tmp_path / "bench"
     argv = ["--size", "256", "--tile", "128", "--out", str(out), "--arch", "resnet18", "--grad-size", "256"]
     argv += ["--stem-tile", "64", "--stem-depth", "3", "--rows", "--image", "regions", "--tissue", "0.5"]
-    assert streaming_command(argv) == 0
+    assert run_bench_command(["streaming", *argv]) == 0
     data = json.loads((out / "streaming.json").read_text())
     options = data["streamed_options"]
     assert (options["stem_tile"], options["stem_depth"], options["rows"], options["tissue"]) == (64, 3, True, 0.5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["bench_command", "run_accuracy", "run_bench"]
+__all__ = ["run_accuracy", "run_bench"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,10 +6,11 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loupe.bench.commands import new_parser
 from loupe.bench.data import Geometry, generate_images, geometry_config
 from loupe.bench.profile import profile_inference, profile_training_step
 from loupe.bench.report import accuracy_markdown, speed_markdown
@@ -18,6 +19,9 @@ from loupe.config import Config, JointConfig, load_config
 from loupe.errors import ConfigError
 from loupe.reports import write_json, write_text
 from loupe.workflows.common import make_catalog
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
 
 #: (train images, test images, repeats) of the quick and the full run.
 QUICK = (4, 4, 3)
@@ -188,11 +192,9 @@ def run_accuracy(
     return result
 
 
-def bench_command(args: list[str]) -> int:
-    """Parse `loupe bench` options and run it."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="loupe bench")
+def build_parser(prog: str) -> ArgumentParser:
+    """The options of `loupe bench` (the tables)."""
+    parser = new_parser(prog, description="the paper's speed tables and a profile; --accuracy: the baselines")
     parser.add_argument("--config", default=None, help="a run config (its manifest, backbones); default: generated")
     parser.add_argument("--out", required=True, help="folder for bench.json and bench.md (or accuracy.*)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK[0]} train / {QUICK[1]} test images")
@@ -202,7 +204,11 @@ def bench_command(args: list[str]) -> int:
     parser.add_argument("--train-images", "--train_images", dest="n_train", type=int, default=None)
     parser.add_argument("--test-images", "--test_images", dest="n_test", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="--accuracy: override the config's epochs")
-    ns = parser.parse_args(args)
+    return parser
+
+
+def run_command(ns: Namespace) -> int:
+    """Run `loupe bench` with parsed options."""
     if ns.accuracy:
         result = run_accuracy(out=ns.out, config=ns.config, epochs=ns.epochs)
         c = result["comparison"]

@@ -17,12 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from loupe.bench.commands import new_parser
 from loupe.bench.speed import Log
 from loupe.config import Config, JointConfig
 from loupe.errors import ConfigError
 from loupe.reports import write_json, write_text
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
 
 LEARNED_ACCURACY = 0.9
 LEARNED_SHARE = 0.6
@@ -317,11 +321,9 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
-def sparse_command(argv: list[str]) -> int:
+def build_parser(prog: str) -> ArgumentParser:
     """`loupe bench sparse --out DIR [--tasks ...] [--levers ...] [--seeds N] [--epochs E]`."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="loupe bench sparse", description=__doc__.splitlines()[0])
+    parser = new_parser(prog, description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=str, required=True, help="folder for sparse.json, sparse.md and the runs")
     parser.add_argument(
         "--tasks", type=str, default=",".join(DEFAULT_TASKS), help=f"comma-separated: {', '.join(TASKS)}"
@@ -336,7 +338,11 @@ def sparse_command(argv: list[str]) -> int:
         action="store_true",
         help="train nothing: tabulate the seeds already finished in --out",
     )
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def run_command(ns: Namespace) -> int:
+    """Run `loupe bench sparse` with parsed options."""
     result = run_sparse(
         out=ns.out,
         tasks=[t.strip() for t in ns.tasks.split(",") if t.strip()],

@@ -34,30 +34,29 @@ import torch
 from torch import Tensor, nn
 
 from loupe.errors import ConfigError
+from loupe.models.backbone_base import IMAGENET_MEAN, IMAGENET_STD
+from loupe.models.gated_attention import GatedAttention
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+    from jsonargparse import ArgumentParser, Namespace
 
 class _GatedAttentionHead(nn.Module):
-    """Gated attention (Ilse et al. 2018) over every position of the feature map, then a linear classifier."""
+    """loupe's gated attention (Ilse et al. 2018) over every position of the feature map, then a linear classifier:
+    StreamingCLAM's head, without the score bias (it cancels in the softmax; its gradient is pure noise)."""
 
     def __init__(self, channels: int, hidden: int = 128) -> None:
         super().__init__()
-        self.v = nn.Linear(channels, hidden)
-        self.u = nn.Linear(channels, hidden)
-        self.w = nn.Linear(hidden, 1, bias=False)  # a bias would cancel in the softmax: its gradient is pure noise
+        self.attention = GatedAttention(channels, hidden, score_bias=False)
         self.classifier = nn.Linear(channels, 1)
 
     def forward(self, features: Tensor) -> Tensor:
         """``features``: the feature map (1, C, h, w), or its positions' rows (n, C) as the streamed trunk stitches
         them (kept positions only)."""
         h = features if features.dim() == 2 else features.flatten(2)[0].t()  # (positions, channels)
-        a = torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(1), dim=0)
-        return self.classifier(a @ h)
+        pooled, _ = self.attention(h.unsqueeze(0))
+        return self.classifier(pooled[0])
 
 
 def _status_kib(field: str) -> int:
@@ -550,11 +549,11 @@ def run_streaming_bench(
     return result
 
 
-def streaming_command(argv: list[str]) -> int:
+def build_parser(prog: str) -> ArgumentParser:
     """`loupe bench streaming --size N --tile T --out DIR [--arch] [--ordinary-max] [--sizes N1,N2,...]`."""
-    from jsonargparse import ArgumentParser
+    from loupe.bench.commands import new_parser
 
-    parser = ArgumentParser(prog="loupe bench streaming", description=__doc__.splitlines()[0])
+    parser = new_parser(prog, description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, required=True, help="image side N of the measured step (N×N)")
     parser.add_argument("--tile", type=int, required=True, help="tile side in input pixels (multiple of 32)")
     parser.add_argument("--out", type=str, required=True, help="folder for streaming.json")
@@ -578,7 +577,11 @@ def streaming_command(argv: list[str]) -> int:
     parser.add_argument(
         "--image", type=str, default="memory", choices=["memory", "regions"], help="image held whole or made per crop"
     )
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def run_command(ns: Namespace) -> int:
+    """Run `loupe bench streaming` with parsed options."""
     sizes = [int(s) for s in ns.sizes.split(",") if s.strip()] if ns.sizes else None
     result = run_streaming_bench(
         ns.size,

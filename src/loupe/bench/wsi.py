@@ -15,24 +15,27 @@ write; patches read and embedded; pixel bytes delivered by the reader; the encod
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from loupe.bench.commands import new_parser
 from loupe.config import Config, DataConfig, GatedMILConfig, JointConfig, ModelConfig, TrainConfig, dump_config
 from loupe.models import build_model
 from loupe.models.backbones import Backbone
 from loupe.reports.io import write_json, write_text
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
 
 #: (width, height) of the generated slides at 0.25 µm/px (40x).
 SIZES = ((40_000, 30_000), (80_000, 60_000))
@@ -266,16 +269,20 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def wsi_command(args: Sequence[str]) -> int:
+def build_parser(prog: str) -> ArgumentParser:
     """`loupe bench wsi [--quick] [--encoder NAME] [--k K] --out DIR`."""
-    parser = argparse.ArgumentParser(prog="loupe bench wsi")
+    parser = new_parser(prog, description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the slides, bench.json and bench.md")
     parser.add_argument("--quick", action="store_true", help="the 40000×30000 slide only (minutes on a CPU)")
     parser.add_argument("--encoder", default=None, help="patch encoder (default: tiny quick, else uni)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
-    ns = parser.parse_args(list(args))
+    return parser
+
+
+def run_command(ns: Namespace) -> int:
+    """Run `loupe bench wsi` with parsed options."""
     encoder = ns.encoder or ("tiny" if ns.quick else "uni")
     settings = Settings(
         encoder=encoder, k=ns.k, sizes=QUICK_SIZES if ns.quick else SIZES, accelerator=ns.accelerator,
