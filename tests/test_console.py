@@ -107,3 +107,16 @@ def test_predict_over_a_few_slides_logs_each_slide(caplog: pytest.LogCaptureFixt
         *(f"[{i + 1}/4] slide_{i:05d}: b (0.25 s)" for i in range(4)),
         "predict: 4/4 slides in 2.0 s (2.0 slides/s)",
     ]
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_result_lines_print_to_stdout_beside_the_progress(bar: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bench's result lines go to stdout whole, with or without a bar on stderr (drawn there, never in them)."""
+    with Progress(2, "runs", label="bench", bar=bar) as shown:
+        shown.advance()
+        shown.print("run 1: accuracy 0.90")
+        shown.advance()
+        shown.print("run 2: accuracy 0.95")
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["run 1: accuracy 0.90", "run 2: accuracy 0.95"]
+    assert "2/2 runs" in err and "accuracy" not in err  # the bar (terminal) or the closing line (log)

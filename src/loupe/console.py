@@ -180,6 +180,15 @@ class Progress:
             self.log.info("%s", self.line())
             self.last_line = self.clock()
 
+    def print(self, text: str) -> None:
+        """Print ``text`` to stdout above the bar (which is redrawn below it), or plainly when there is none: a
+        bench's result lines beside its progress."""
+        if self._bar is None:
+            print(text, flush=True)
+            return
+        with self._bar.external_write_mode(file=sys.stdout):
+            print(text, flush=True)
+
     def line(self) -> str:
         """Where the job is: ``predict: 120/10000 slides (1.2%), 3 failed; 2.1 slides/s, about 1 h 18 min left``;
         at the end, the time it took."""

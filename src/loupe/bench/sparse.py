@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loupe.bench.commands import new_parser
 from loupe.bench.speed import Log
 from loupe.config import Config, JointConfig
+from loupe.console import progress
 from loupe.errors import ConfigError
 from loupe.reports import write_json, write_text
 
@@ -269,10 +270,12 @@ def run_sparse(
     epochs: int | None = None,
     table_only: bool = False,
     log: Log = print,
+    bar: bool | None = None,
 ) -> dict[str, Any]:
     """Run the suite into ``out`` (one folder per task, lever and seed; a finished seed is reused when the suite is
     run again); write sparse.json and sparse.md; return the result. ``table_only``: train nothing, tabulate the
-    seeds already finished in ``out`` (e.g. while other processes run the rest)."""
+    seeds already finished in ``out`` (e.g. while other processes run the rest). Progress: a bar on a terminal
+    (``bar``: default whether stderr is one), a line every 30 s in a log."""
     out = Path(out)
     task_names = list(tasks or TASKS)
     lever_names = list(levers or LEVERS)
@@ -286,25 +289,28 @@ def run_sparse(
         raise ConfigError(f"loupe bench sparse: --seeds {seeds}: expected at least 1")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for t in task_names:
-        task = TASKS[t]
-        for lever in lever_names:
-            for seed in range(seeds):
-                folder = out / t / _slug(lever) / f"seed{seed}"
-                done = folder / "row.json"
-                if done.is_file():
-                    rows.append(json.loads(done.read_text()))
-                    continue
-                if table_only:
-                    continue
-                row = run_seed(task, lever, seed, folder, epochs or task.epochs)
-                write_json(done, row)
-                rows.append(row)
-                log(
-                    f"{t} / {lever} / seed {seed}: test accuracy {row['test_accuracy']:.3f}, "
-                    f"{100 * row['informative_share']:.0f}% on {row['informative']}, left chance at epoch "
-                    f"{row['left_chance_epoch']} ({row['train_s']:.0f} s)"
-                )
+    runs = [(t, lever, seed) for t in task_names for lever in lever_names for seed in range(seeds)]
+    with progress(len(runs), "runs", label="bench sparse", bar=bar) as shown:
+        say = shown.print if log is print else log
+        for t, lever, seed in runs:
+            task = TASKS[t]
+            folder = out / t / _slug(lever) / f"seed{seed}"
+            done = folder / "row.json"
+            if done.is_file():
+                rows.append(json.loads(done.read_text()))
+                shown.advance()
+                continue
+            if table_only:
+                continue
+            row = run_seed(task, lever, seed, folder, epochs or task.epochs)
+            write_json(done, row)
+            rows.append(row)
+            shown.advance()
+            say(
+                f"{t} / {lever} / seed {seed}: test accuracy {row['test_accuracy']:.3f}, "
+                f"{100 * row['informative_share']:.0f}% on {row['informative']}, left chance at epoch "
+                f"{row['left_chance_epoch']} ({row['train_s']:.0f} s)"
+            )
     result = {
         "summary": summarise(rows),
         "runs": rows,

@@ -30,6 +30,7 @@ from torch import nn
 
 from loupe.bench.commands import new_parser
 from loupe.config import Config, DataConfig, GatedMILConfig, JointConfig, ModelConfig, TrainConfig, dump_config
+from loupe.console import progress
 from loupe.models import build_model
 from loupe.models.backbones import Backbone
 from loupe.reports.io import write_json, write_text
@@ -182,21 +183,27 @@ def measure(name: str, slide: Path, s: Settings, out: Path) -> dict[str, Any]:
     }
 
 
-def run_wsi_bench(*, out: str | Path, settings: Settings = Settings(), log: Callable[[str], None] = print) -> dict:
-    """Generate the slides (reused when present), measure both pipelines on each; write bench.json/bench.md."""
+def run_wsi_bench(
+    *, out: str | Path, settings: Settings = Settings(), log: Callable[[str], None] = print, bar: bool | None = None
+) -> dict:
+    """Generate the slides (reused when present), measure both pipelines on each; write bench.json/bench.md.
+    Progress: a bar on a terminal (``bar``: default whether stderr is one), a line every 30 s in a log."""
     from loupe.datasets.synthetic_wsi import make_pyramidal_slide
 
     out = Path(out)
     rows: list[dict[str, Any]] = []
-    for w, h in settings.sizes:
-        path = out / "slides" / f"wsi_{w}x{h}.svs"
-        if not path.is_file():
-            info = make_pyramidal_slide(path, w, h, mpp=SLIDE_MPP, tissue_fraction=TISSUE_FRACTION, seed=w)
-            log(f"slide {path.name}: {len(info.level_dimensions)} levels, {info.file_bytes / 2**20:.0f} MB")
-        for name in PIPELINES:
-            row = measure(name, path, settings, out) | {"slide": path.name, "size": [w, h]}
-            rows.append(row)
-            log(f"{path.name} {name}: {row['total_s']:.2f} s, {row['patches_embedded']} patches embedded")
+    with progress(len(settings.sizes) * len(PIPELINES), "measurements", label="bench wsi", bar=bar) as shown:
+        say = shown.print if log is print else log
+        for w, h in settings.sizes:
+            path = out / "slides" / f"wsi_{w}x{h}.svs"
+            if not path.is_file():
+                info = make_pyramidal_slide(path, w, h, mpp=SLIDE_MPP, tissue_fraction=TISSUE_FRACTION, seed=w)
+                say(f"slide {path.name}: {len(info.level_dimensions)} levels, {info.file_bytes / 2**20:.0f} MB")
+            for name in PIPELINES:
+                row = measure(name, path, settings, out) | {"slide": path.name, "size": [w, h]}
+                rows.append(row)
+                shown.advance()
+                say(f"{path.name} {name}: {row['total_s']:.2f} s, {row['patches_embedded']} patches embedded")
     ratios, ratios_to_prediction, ratios_encoder = {}, {}, {}
     for w, h in settings.sizes:
         by = {r["pipeline"]: r for r in rows if r["size"] == [w, h]}
