@@ -119,4 +119,4 @@ def test_result_lines_print_to_stdout_beside_the_progress(bar: bool, capsys: pyt
         shown.print("run 2: accuracy 0.95")
     out, err = capsys.readouterr()
     assert out.splitlines() == ["run 1: accuracy 0.90", "run 2: accuracy 0.95"]
-    assert "2/2 runs" in err and "accuracy" not in err  # the bar (terminal) or the closing line (log)
+    assert "2/2" in err and "accuracy" not in err  # the bar (terminal) or the closing line (log)
