@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import openslide
@@ -15,7 +16,16 @@ from loupe.slides.openslide_reader import OpenSlideReader, resolve_dicom_path
 from loupe.slides.reader import SlideReader
 from loupe.slides.tiffslide_reader import TiffSlideReader
 
-__all__ = ["BACKENDS", "check_header", "choose_backend", "open_slide"]
+__all__ = ["BACKENDS", "READERS", "check_header", "choose_backend", "open_slide"]
+
+#: The reader of each backend ('auto' picks one of them per file, :func:`choose_backend`). A new backend is a
+#: :class:`SlideReader`, one entry here and its name in :data:`loupe.slides.formats.BACKENDS` (which the settings
+#: and the command line read without importing the readers; ``tests/slides/test_open.py`` checks they agree).
+READERS: dict[str, Callable[[Path, float | None], SlideReader]] = {
+    "openslide": OpenSlideReader,
+    "tiffslide": TiffSlideReader,  # wraps every tiffslide open failure in a SlideError naming the file
+    "image": ImageReader,
+}
 
 
 def choose_backend(path: Path) -> str:
@@ -84,8 +94,8 @@ def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None
 
 
 def _open(path: str | Path, backend: str, mpp: float | None) -> SlideReader:
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown slide backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != "auto" and backend not in READERS:
+        raise ConfigError(f"unknown slide backend {backend!r}: choose one of {', '.join(('auto', *READERS))}")
     p = Path(os.path.expanduser(path))
     if not p.exists():
         raise SlideError(f"slide not found: {p} (check the path, or the path column of the manifest)")
@@ -99,10 +109,4 @@ def _open(path: str | Path, backend: str, mpp: float | None) -> SlideReader:
                 "use backend='openslide' for DICOM"
             )
         return OpenSlideReader(p, mpp)
-    if backend == "auto":
-        backend = choose_backend(p)
-    if backend == "image":
-        return ImageReader(p, mpp)
-    if backend == "tiffslide":
-        return TiffSlideReader(p, mpp)  # wraps every tiffslide open failure in a SlideError naming the file
-    return OpenSlideReader(p, mpp)
+    return READERS[choose_backend(p) if backend == "auto" else backend](p, mpp)
