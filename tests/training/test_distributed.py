@@ -1,5 +1,5 @@
 """Data-parallel training on this CPU with the gloo backend and 2 processes: the collectives, one optimiser step
-equal to one process's, the README's launch recipes, and a demo that learns when trained by two processes."""
+equal to one process's, the launch recipes of docs/scale.md, and a demo that learns when trained by two processes."""
 
 from __future__ import annotations
 
