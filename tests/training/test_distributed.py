@@ -113,7 +113,7 @@ def test_one_step_on_two_ranks_equals_one_step_in_one_process(tmp_path: Path, fo
     assert max(float((after[n] - p).abs().max()) for n, p in before.items()) <= 1e-9
 
 
-# --- the README's recipes -------------------------------------------------------------------------------------
+# --- the launch recipes of docs/scale.md ---------------------------------------------------------------------------
 
 
 def _train_cli(manifest: Path, out: Path, *extra: str) -> list[str]:
