@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from jsonargparse import ArgumentParser, Namespace
 
+
 class _GatedAttentionHead(nn.Module):
     """loupe's gated attention (Ilse et al. 2018) over every position of the feature map, then a linear classifier:
     StreamingCLAM's head, without the score bias (it cancels in the softmax; its gradient is pure noise)."""
