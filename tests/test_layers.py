@@ -49,6 +49,7 @@ ALLOWED: dict[str, set[str]] = {
         "training",
         "workflows",
     },
+    "viewer": {"errors", "slides"},  # reads predict's files by name: no torch, no workflows
     "console": set(),
     "cli": {
         "__version__",
@@ -62,6 +63,7 @@ ALLOWED: dict[str, set[str]] = {
         "datasets",
         "workflows",
         "bench",
+        "viewer",
     },
     "__main__": {"cli"},
 }

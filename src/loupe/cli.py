@@ -145,6 +145,18 @@ def _import_bach_parser(prog: str) -> ArgumentParser:
     return parser
 
 
+def _view_parser(prog: str) -> ArgumentParser:
+    parser = _parser(prog)
+    parser.add_argument("folder", help="a `loupe predict` output folder (its --out), or a run folder")
+    parser.add_argument("--port", type=int | None, default=None, help="TCP port (default: a free one)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every machine that can reach this one)"
+    )
+    parser.add_argument("--open", action="store_true", help="open the viewer in the default web browser")
+    parser.add_argument("--split", default=None, help="a run folder's evaluated split to show (default: test)")
+    return parser
+
+
 # --- runners ------------------------------------------------------------------------------------------------------
 
 
@@ -272,6 +284,13 @@ def _import_bach(ns: Namespace, args: list[str]) -> int:
     return 0
 
 
+def _view(ns: Namespace, args: list[str]) -> int:
+    from loupe.viewer.server import view
+
+    view(ns.folder, host=ns.host, port=ns.port, open_browser=ns.open, split=ns.split)
+    return 0
+
+
 def _bench(ns: Namespace, args: list[str]) -> int:
     from loupe.bench.commands import run_bench_command
 
@@ -337,6 +356,13 @@ COMMANDS: dict[str, Command] = {
         _import_bach_parser,
         _import_bach,
     ),
+    "view": Command(
+        "the slides of a predict output folder in the browser: cohort table, deep zoom, attention per "
+        "magnification, the patches read (needs loupe[viewer])",
+        "view OUT [--port N] [--host 127.0.0.1] [--open]",
+        _view_parser,
+        _view,
+    ),
     "bench": Command(_bench_summary(), _bench_usage(), _parser, _bench),
 }
 
@@ -375,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     from loupe.console import configure_console
 
-    configure_console(with_lightning=name not in ("info", "import-bach"))
+    configure_console(with_lightning=name not in ("info", "import-bach", "view"))
     try:
         if name == "bench":  # parses its subcommand's options (loupe.bench.commands)
             return command.run(_empty_namespace(), rest)
