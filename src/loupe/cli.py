@@ -81,6 +81,10 @@ def _predict_parser(prog: str) -> ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="redo slides that are already finished")
     parser.add_argument(
+        "--heatmaps", action="store_true",
+        help="also write each slide's PNG pictures (overlay, heatmaps, tissue); loupe view needs none of them",
+    )  # fmt: skip
+    parser.add_argument(
         "--workers", type=int, default=1,
         help="worker processes sharing --out (1: this one; N: N processes, one per GPU when several are visible; "
         "0: this one, preparing slides itself); on other machines, start more commands on the same --out",
@@ -204,6 +208,7 @@ def _predict(ns: Namespace, args: list[str]) -> int:
         workers=ns.workers,
         loader_workers=ns.loader_workers,
         claim_expiry_s=ns.claim_expiry,
+        heatmaps=ns.heatmaps,
         tissue=ns.tissue,
         k=ns.k,
     )
@@ -325,9 +330,9 @@ COMMANDS: dict[str, Command] = {
         _evaluate,
     ),
     "predict": Command(
-        "predictions.csv, status.json, timings.csv; per slide attention maps, QuPath GeoJSON, heatmaps; a re-run "
-        "skips finished slides (--overwrite redoes them); any number of workers may share --out (--workers N, or "
-        "more commands, e.g. a SLURM array)",
+        "predictions.csv, status.json, timings.csv; per slide attention maps and QuPath GeoJSON (--heatmaps: PNGs "
+        "too); a re-run skips finished slides (--overwrite redoes them); any number of workers may share --out "
+        "(--workers N, or more commands, e.g. a SLURM array)",
         "predict RUN SLIDES_FOLDERS_OR_CSV... --out DIR [--workers N]",
         _predict_parser,
         _predict,

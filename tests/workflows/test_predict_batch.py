@@ -14,7 +14,8 @@ from loupe.workflows.prediction import TIMING_STEPS, predict
 
 pytestmark = pytest.mark.slow  # every test predicts with trained_run, a session fixture that trains
 
-OUTPUTS = ("prediction.json", "attention.npz", "attention.geojson", "overlay.png", "heatmap_5x.png", "heatmap_20x.png")
+OUTPUTS = ("prediction.json", "attention.npz", "attention.geojson")
+PICTURES = ("overlay.png", "heatmap_5x.png", "heatmap_20x.png")  # only with heatmaps=True (--heatmaps)
 
 
 @pytest.fixture
@@ -50,6 +51,7 @@ def test_failures_are_named_and_the_rest_get_every_output(trained_run, slide_fol
         folder = out / "slides" / slide_id
         for name in OUTPUTS:
             assert (folder / name).is_file() and (folder / name).stat().st_size > 100, name
+        assert not list(folder.glob("*.png")), "pictures are written only with heatmaps=True"
         info = json.loads((folder / "prediction.json").read_text())
         assert set(info["timings_s"]) == {"open", "thumbnail", "overview", "tissue", "patches", "model"}
         assert info["settings"]["mode"] == "mean" and len(info["cells_read"]) == 5 * 4  # k × samples
@@ -133,7 +135,9 @@ TISSUE_20X = {
 
 def test_every_shared_real_slide_is_predicted_with_tissue_detection(trained_run, slides_dir, tmp_path):
     # slide_mpp fills in only for the TCGA crop, the one file without µm/px.
-    run = predict(trained_run, [slides_dir], out=tmp_path / "out", workers=0, tissue=True, slide_mpp=0.5)
+    run = predict(
+        trained_run, [slides_dir], out=tmp_path / "out", workers=0, tissue=True, slide_mpp=0.5, heatmaps=True
+    )
     slides = run.status.slides
     assert len(slides) == 6 and "dicom-cmu-1-small-region" in slides
     for slide_id, entry in slides.items():
@@ -145,8 +149,10 @@ def test_every_shared_real_slide_is_predicted_with_tissue_detection(trained_run,
         if slide_id in TISSUE_20X:
             low, high = TISSUE_20X[slide_id]
             assert low <= share <= high, (slide_id, share)
-        for name in (*OUTPUTS, "tissue.png"):
+        for name in (*OUTPUTS, *PICTURES, "tissue.png"):
             assert (folder / name).is_file(), (slide_id, name)
+        mask = np.load(folder / "attention.npz")["tissue_mask"]  # what loupe view draws the tissue layer from
+        assert mask.dtype == bool and mask.any(), slide_id
         valid = np.load(folder / "attention.npz")["valid_20x"]
         assert np.all(np.load(folder / "attention.npz")["20x"][~valid] == 0)  # no attention on glass
     assert json.loads((tmp_path / "out" / "slides" / "cmu-1-small-region" / "prediction.json").read_text())[
@@ -159,10 +165,10 @@ def test_a_failed_write_fails_only_its_slide(trained_run, slide_folder, tmp_path
 
     original = prediction.write_slide_folder
 
-    def flaky(target, result, *args):
+    def flaky(target, result, *args, **kwargs):
         if result.slide_id == "test_0000":
             raise OSError("disk full")
-        return original(target, result, *args)
+        return original(target, result, *args, **kwargs)
 
     monkeypatch.setattr(prediction, "write_slide_folder", flaky)
     run = predict(trained_run, [slide_folder], out=tmp_path / "out", workers=0)

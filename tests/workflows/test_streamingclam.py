@@ -70,7 +70,7 @@ def test_predict_writes_whole_slide_attention(streaming_run, tmp_path):
     assert info["grid"] == {"5x": [4, 4]} and len(info["cells_read"]) == 4
     maps = np.load(folder / "attention.npz")
     assert maps["5x"].shape == (4, 4) and maps["5x"].sum() == pytest.approx(1.0, abs=1e-5)
-    assert (folder / "heatmap_5x.png").is_file() and (folder / "attention.geojson").is_file()
+    assert (folder / "attention.geojson").is_file() and not (folder / "heatmap_5x.png").exists()
     timings = info["timings_s"]
     assert timings["patches"] > 0 and timings["model"] > 0
 

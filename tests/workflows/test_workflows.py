@@ -51,7 +51,7 @@ def test_predict_survives_a_corrupt_slide(trained_run: Path, small_manifest: Pat
     for img in images:
         (folder / img.name).write_bytes(img.read_bytes())
     (folder / "broken.svs").write_bytes(b"not a slide at all" * 100)
-    status = predict(trained_run, [folder], out=tmp_path / "out").status.slides
+    status = predict(trained_run, [folder], out=tmp_path / "out", heatmaps=True).status.slides
     assert status["broken"]["status"] == "failed" and "broken.svs" in status["broken"]["reason"]
     done = [k for k, v in status.items() if v["status"] == "done"]
     assert len(done) == 2

@@ -93,7 +93,7 @@ def run_demo(
     test = load_manifest(manifest_path).subset("test")
     picks = [r.path for r in test.records[:N_OVERLAYS]]
     log.info("demo: predicting %d test slides into %s", len(picks), out / "predict")
-    predict(run, picks, out=out / "predict")
+    predict(run, picks, out=out / "predict", heatmaps=True)  # the report shows their overlays
     done = time.perf_counter()
 
     timings = DemoTimings(

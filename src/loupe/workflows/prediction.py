@@ -124,6 +124,7 @@ class _Job:
     settings: dict[str, Any]
     out: Path
     since: float | None  # --overwrite: slides finished before this time are redone
+    heatmaps: bool = False  # also write the PNG pictures of each slide
 
     @property
     def header(self) -> dict[str, Any]:
@@ -191,6 +192,9 @@ class PredictOptions:
     """``overwrite``: slides finished before this time (``time.time()``) are redone."""
     loader_workers: int = LOADER_WORKERS
     claim_expiry_s: float = EXPIRY_S
+    heatmaps: bool = False
+    """Also write each slide's PNG pictures (overlay, heatmap per magnification, tissue): ``loupe view`` and the
+    GeoJSON need only ``attention.npz``, and the pictures were most of a slide's write time."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,7 @@ def _job(options: PredictOptions) -> _Job:
     records = collect_records(options.slides, options.out)
     settings = resolve_inference(cfg, options.inference, options.samples, options.k)
     record = _settings_record(cfg, settings, ckpt)
-    return _Job(options.run, cfg, records, settings, record, options.out, options.since)
+    return _Job(options.run, cfg, records, settings, record, options.out, options.since, options.heatmaps)
 
 
 def predict(
@@ -229,6 +233,7 @@ def predict(
     tissue: bool | None = None,
     k: int | None = None,
     claim_expiry_s: float = EXPIRY_S,
+    heatmaps: bool = False,
 ) -> PredictionRun:
     """Predict slides (files, folders, manifest CSVs) into ``out``; see the module docstring for the layout.
 
@@ -240,6 +245,8 @@ def predict(
     trained on crops); ``k`` the patches read per sample (the estimator is unbiased for any k; more patches, less
     variance). Finished slides are skipped unless ``overwrite`` (slides finished before this call are redone);
     slides that failed before are retried only when their file or the settings that read them changed.
+    ``heatmaps``: also write each slide's PNG pictures (overlay, heatmaps, tissue); off, a slide's folder holds its
+    prediction, attention arrays (with the tissue mask) and GeoJSON, which ``loupe view`` draws from.
     """
     if workers < 0:
         raise ConfigError(f"--workers {workers}: expected an integer ≥ 0 (worker processes; 1: this process)")
@@ -260,6 +267,7 @@ def predict(
         since=time.time() if overwrite else None,
         loader_workers=loaders,
         claim_expiry_s=claim_expiry_s,
+        heatmaps=heatmaps,
     )
     job = _job(options)
     token = uuid.uuid4().hex[:12]
@@ -360,7 +368,7 @@ def _predict_claimed(
         while order:
             sampler = _ClaimingSampler(order, job, states, claims, progress)
             loader = prepared_loader(dataset, loader_workers if first and len(order) > 1 else 0, sampler=sampler)
-            writes = _Writes(recorder, job.out / "slides", job.classes, job.labels, job.settings)
+            writes = _Writes(recorder, job.out / "slides", job)
             try:
                 for item in loader:
                     rec = job.records[item.index]
@@ -427,17 +435,17 @@ class _Writes:
     MAX_PENDING_WRITES results wait in memory); their outcome is recorded from the calling thread, in the order
     the slides finish."""
 
-    def __init__(
-        self, recorder: _Recorder, slides_dir: Path, classes: list[str], labels: list[str], settings: dict
-    ) -> None:
-        self.recorder, self.slides_dir, self.classes, self.labels = recorder, slides_dir, classes, labels
-        self.settings = settings
+    def __init__(self, recorder: _Recorder, slides_dir: Path, job: _Job) -> None:
+        self.recorder, self.slides_dir, self.heatmaps = recorder, slides_dir, job.heatmaps
+        self.classes, self.labels, self.settings = job.classes, job.labels, job.settings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-write")
         self.pending: list[tuple[Future, int, int, SlideResult]] = []
 
     def _write(self, result: SlideResult) -> SlideResult:
         start = time.perf_counter()
-        write_slide_folder(self.slides_dir / result.slide_id, result, self.classes, self.labels, self.settings)
+        write_slide_folder(
+            self.slides_dir / result.slide_id, result, self.classes, self.labels, self.settings, heatmaps=self.heatmaps
+        )
         result.timings["write"] = time.perf_counter() - start
         return result
 

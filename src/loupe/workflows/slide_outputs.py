@@ -5,8 +5,12 @@ A slide folder holds:
 - ``prediction.json``: predicted class, class probabilities, attention share per magnification, the cells read,
   the inference settings and the per-step wall times;
 - ``attention.npz``: one attention map per magnification (rows × cols, by label), the valid-cell maps
-  (``valid_<label>``) and the flat indices of the cells read (``cells``);
+  (``valid_<label>``), the flat indices of the cells read (``cells``) and, when tissue detection is on, the tissue
+  mask on the overview (``tissue_mask``, rows × cols of the overview, True on tissue);
 - ``attention.geojson``: the attended cells as QuPath-importable polygons in level-0 pixel coordinates;
+
+and, with ``heatmaps`` (``loupe predict --heatmaps``; ``loupe view`` draws all of them from ``attention.npz``):
+
 - ``overlay.png``: overview plus one heatmap panel per magnification on a shared scale;
 - ``heatmap_<label>.png``: each magnification's heatmap alone over the overview, at the overview's resolution;
 - ``tissue.png`` (when tissue detection is on): the overview with the background dimmed.
@@ -31,6 +35,8 @@ from loupe.reports.geojson import write_attention_geojson
 from loupe.slides import SlideGrid
 
 PREDICTION_FILE = "prediction.json"
+#: The tissue mask's name in ``attention.npz`` (not a magnification label: those are like "20x").
+TISSUE_MASK = "tissue_mask"
 OVERLAY_SIDE = 1024
 DISPLAY_SIDE = 2048  # heatmap and tissue PNGs; the GeoJSON has the exact cells
 
@@ -80,14 +86,18 @@ def summary(result: SlideResult, classes: list[str], labels: list[str], settings
     }
 
 
-def _write_contents(folder: Path, result: SlideResult, labels: list[str], info: dict[str, Any]) -> None:
+def _write_contents(
+    folder: Path, result: SlideResult, labels: list[str], info: dict[str, Any], *, heatmaps: bool
+) -> None:
     maps = result.maps()
     valid_maps = result.maps(result.valid)
+    extra = {} if result.tissue is None else {TISSUE_MASK: np.asarray(result.tissue, dtype=bool)}
     save_attention_npz(
         folder / "attention.npz",
         dict(zip(labels, maps, strict=True)),
         cells=np.asarray(result.cells, dtype=np.int64),
         **{f"valid_{lab}": v for lab, v in zip(labels, valid_maps, strict=True)},
+        **extra,
     )
     write_attention_geojson(
         folder / "attention.geojson",
@@ -97,6 +107,15 @@ def _write_contents(folder: Path, result: SlideResult, labels: list[str], info: 
         sampled=np.asarray(result.cells, dtype=np.int64),
         slide_id=result.slide_id,
     )
+    if heatmaps:
+        _write_pictures(folder, result, labels, maps, info)
+    write_json(folder / PREDICTION_FILE, info)  # last: its presence marks a complete folder
+
+
+def _write_pictures(
+    folder: Path, result: SlideResult, labels: list[str], maps: list[np.ndarray], info: dict[str, Any]
+) -> None:
+    """The PNGs: overlay, one heatmap per magnification, the tissue picture."""
     sampled: list[list[tuple[int, int]]] = [[] for _ in labels]
     mags, rows, cols = result.grid.cells(np.unique(np.asarray(result.cells, dtype=np.int64)))
     for m, r, c in zip(mags, rows, cols, strict=True):
@@ -111,7 +130,6 @@ def _write_contents(folder: Path, result: SlideResult, labels: list[str], info: 
         save_png(folder / f"heatmap_{_safe(lab)}.png", heatmap_image(display, m, extent))
     if result.tissue is not None:
         save_png(folder / "tissue.png", _tissue_image(result.overview, result.tissue, DISPLAY_SIDE))
-    write_json(folder / PREDICTION_FILE, info)  # last: its presence marks a complete folder
 
 
 def _extents(grid: SlideGrid, image: np.ndarray) -> list[tuple[float, float]]:
@@ -145,9 +163,16 @@ def _tissue_image(overview: np.ndarray, mask: np.ndarray, max_side: int) -> np.n
 
 
 def write_slide_folder(
-    target: str | Path, result: SlideResult, classes: list[str], labels: list[str], settings: dict[str, Any]
+    target: str | Path,
+    result: SlideResult,
+    classes: list[str],
+    labels: list[str],
+    settings: dict[str, Any],
+    *,
+    heatmaps: bool = False,
 ) -> dict[str, Any]:
     """Write the slide's folder atomically (temporary sibling, then rename); returns the prediction summary.
+    ``heatmaps``: with its PNG pictures too.
 
     An existing folder (``--overwrite``) is replaced only once the new one is complete.
     """
@@ -157,7 +182,7 @@ def write_slide_folder(
     tmp.mkdir()
     try:
         info = summary(result, classes, labels, settings)
-        _write_contents(tmp, result, labels, info)
+        _write_contents(tmp, result, labels, info, heatmaps=heatmaps)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
