@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("starlette", reason="the viewer's tests need its extra: pip install 'loupe[viewer]'")
 
-from .cohort_fixture import build_predict_output  # noqa: E402
+from .cohort_fixture import build_predict_output
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 

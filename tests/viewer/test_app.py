@@ -13,7 +13,7 @@ from PIL import Image
 
 from loupe.slides import build_grid, open_slide
 
-from .cohort_fixture import BANDS, CLASSES, H, HOT_10X, HOT_20X, LABELS, MPP, PATCH, W, band_colour
+from .cohort_fixture import BANDS, CLASSES, HOT_10X, HOT_20X, LABELS, MPP, PATCH, H, W, band_colour
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

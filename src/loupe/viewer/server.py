@@ -40,6 +40,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0: a free port) and listening; a port in use is one message."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): pass another --port, or none") from err
+    sock.listen(128)
+    return sock
+
+
 def host_warning(host: str) -> str | None:
     """The warning printed when the viewer is reachable from other machines."""
     if host in LOOPBACK:
@@ -75,7 +89,8 @@ def view(
     cohort = open_cohort(folder, split=split)
     if port is not None and not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: expected 0..65535 (0 or nothing: a free port)")
-    port = port or free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
+    sock = listening_socket(host, port or 0)  # bound before the URL is printed: it answers once printed
+    port = int(sock.getsockname()[1])
     warning = host_warning(host)
     if warning:
         print(warning, file=sys.stderr)
@@ -87,7 +102,7 @@ def view(
     server = uvicorn.Server(config)
     if open_browser:
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
-    server.run()  # uvicorn handles SIGINT/SIGTERM itself and returns after a clean shutdown
+    server.run(sockets=[sock])  # uvicorn handles SIGINT/SIGTERM itself and returns after a clean shutdown
 
 
 @contextlib.contextmanager

@@ -51,12 +51,22 @@
     }
   }
 
+  let pending = 0;
   function addImage(url, x, y, w, key, visible) {
     shown[key] = visible;
+    pending += 1;
     viewer.addTiledImage({
       tileSource: { type: "image", url: url, buildPyramid: false },
-      x: x, y: y, width: w, opacity: 0,
-      success: (e) => { layerItems[key] = e.item; applyLayers(); },
+      x: x, y: y, width: w, opacity: 0, preload: true, // loaded while hidden: a toggle shows it at once
+      success: (e) => {
+        layerItems[key] = e.item; applyLayers();
+        e.item.addHandler("fully-loaded-change", (f) => {
+          if (f.fullyLoaded && !e.item.loupeLoaded) {
+            e.item.loupeLoaded = true; pending -= 1;
+            if (!pending) document.body.dataset.layers = "loaded";
+          }
+        });
+      },
     });
   }
 
