@@ -57,6 +57,8 @@ class Settings:
     accelerator: str = "auto"
     precision: str = "32-true"
     read_threads: int = 8
+    heatmaps: bool = False
+    """Both pipelines also write each slide's PNG pictures (``loupe predict --heatmaps``)."""
 
 
 def pipeline_config(name: str, s: Settings) -> Config:
@@ -152,7 +154,7 @@ def measure(name: str, slide: Path, s: Settings, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         with EncoderClock() as clock:
-            result = predict(run, [slide], out=target, workers=0, overwrite=True)
+            result = predict(run, [slide], out=target, workers=0, overwrite=True, heatmaps=s.heatmaps)
     finally:
         if before is None:
             os.environ.pop("LOUPE_CACHE_DIR", None)
@@ -215,6 +217,7 @@ def run_wsi_bench(
         "settings": {
             "encoder": settings.encoder,
             "k": settings.k,
+            "heatmaps": settings.heatmaps,
             "cell_px": CELL,
             "slide_mpp": SLIDE_MPP,
             "tissue_fraction": TISSUE_FRACTION,
@@ -285,6 +288,7 @@ def build_parser(prog: str) -> ArgumentParser:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--heatmaps", action="store_true", help="both pipelines also write their PNG pictures")
     return parser
 
 
@@ -293,7 +297,7 @@ def run_command(ns: Namespace) -> int:
     encoder = ns.encoder or ("tiny" if ns.quick else "uni")
     settings = Settings(
         encoder=encoder, k=ns.k, sizes=QUICK_SIZES if ns.quick else SIZES, accelerator=ns.accelerator,
-        precision=ns.precision,
+        precision=ns.precision, heatmaps=ns.heatmaps,
     )  # fmt: skip
     result = run_wsi_bench(out=ns.out, settings=settings)
     ratio = ", ".join(
