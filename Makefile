@@ -17,11 +17,12 @@ env: $(STAMP)
 ## demo: generate synthetic slides, train, evaluate, predict (runs/demo/report.md)
 demo: $(STAMP)
 	$(VENV)/bin/loupe demo --out runs/demo
+	@echo "view the predictions in the browser: $(VENV)/bin/loupe view runs/demo/predict --open"
 
-## lint: ruff lint and format check of src, tests and benchmarks
+## lint: ruff lint and format check of src, tests, benchmarks and scripts
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 ## typecheck: mypy over src (settings in pyproject.toml [tool.mypy])
 typecheck: $(STAMP)

@@ -194,3 +194,40 @@ def test_a_port_in_use_is_one_message(tmp_path):
         taken.listen(1)
         with pytest.raises(ConfigError, match="pass another --port"):
             view(out, port=taken.getsockname()[1])
+
+
+def test_streamingclam_attention_is_shown_as_instance_attention_with_the_geojsons_geometry(tmp_path):
+    """A run whose config names no patch size (StreamingCLAM's cell is its trunk's stride): the cells' level-0 size
+    comes from the GeoJSON's rectangles, and the layers are called instance attention."""
+    import yaml
+
+    from loupe.viewer.slide_data import load_slide_data
+
+    from .cohort_fixture import LABELS, MPP, PATCH
+
+    out = build_predict_output(tmp_path)
+    config = {"model": {"architecture": "streamingclam", "magnifications": LABELS}, "streamingclam": {}}
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    cohort = open_cohort(out)
+    assert cohort.run_info.architecture == "streamingclam" and cohort.run_info.patch_size is None
+    folder = cohort.slide_folder("alpha")
+    assert folder is not None
+    data = load_slide_data("alpha", folder, cohort.run_info)
+    described = data.describe()
+    assert [lay["title"] for lay in described["layers"]] == [f"instance attention (StreamingCLAM, {m})" for m in LABELS]
+    for lay, mpp in zip(data.layers, (2.0, 1.0, 0.5), strict=True):
+        assert lay.exact and lay.patch_px == PATCH and lay.cell_size0 == pytest.approx(PATCH * mpp / MPP)
+
+
+def test_a_damaged_slide_folder_is_one_message(tmp_path):
+    from loupe.viewer.cohort import RunInfo
+    from loupe.viewer.slide_data import SlideDataError, load_slide_data
+
+    out = build_predict_output(tmp_path)
+    folder = out / "slides" / "alpha"
+    (folder / "attention.npz").write_bytes(b"not an npz")
+    with pytest.raises(SlideDataError, match=r"attention\.npz: cannot be read"):
+        load_slide_data("alpha", folder, RunInfo())
+    (folder / "prediction.json").write_text("{")
+    with pytest.raises(SlideDataError, match=r"prediction\.json: cannot be read"):
+        load_slide_data("alpha", folder, RunInfo())

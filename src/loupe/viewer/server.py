@@ -116,7 +116,9 @@ def background_server(folder: str | Path, *, host: str = "127.0.0.1", port: int 
     from loupe.viewer.cohort import open_cohort
 
     port = port or free_port(host)
-    config = uvicorn.Config(create_app(open_cohort(folder)), host=host, port=port, log_level="warning", lifespan="off")
+    cohort = open_cohort(folder)
+    cohort.rows()  # read before serving, as `loupe view` does
+    config = uvicorn.Config(create_app(cohort), host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="loupe-view", daemon=True)
     thread.start()
