@@ -84,6 +84,26 @@ class Viewer:
         self._slides: OrderedDict[str, _Opened] = OrderedDict()
         self._data: dict[str, tuple[tuple[int, int] | None, SlideData | str]] = {}
         self._lock = threading.Lock()
+        self._making: dict[tuple[Any, ...], threading.Lock] = {}
+
+    def cached(self, key: tuple[Any, ...], make: Callable[[], bytes]) -> bytes:
+        """``make()``'s bytes through the cache; requests for a key being made wait for it (several tabs asking
+        for the same tile or layer at once make it once)."""
+        data = self.cache.get(key)
+        if data is not None:
+            return data
+        with self._lock:
+            lock = self._making.setdefault(key, threading.Lock())
+        try:
+            with lock:
+                data = self.cache.get(key)
+                if data is None:
+                    data = make()
+                    self.cache.put(key, data)
+        finally:
+            with self._lock:
+                self._making.pop(key, None)
+        return data
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the thread pool."""
@@ -170,17 +190,17 @@ class Viewer:
         opened = self.opened(slide_id)
         if opened.reader is None or opened.zoom is None:
             raise HTTPException(404, opened.error or "slide unavailable")
-        key = ("tile", slide_id, opened.identity, level, col, row)
-        data = self.cache.get(key)
-        if data is None:
+        reader, zoom = opened.reader, opened.zoom
+
+        def make() -> bytes:
             try:
-                data = opened.zoom.tile(opened.reader, level, col, row)
+                return zoom.tile(reader, level, col, row)
             except TileError as err:
                 raise HTTPException(404, str(err)) from err
             except (LoupeError, OSError) as err:
                 raise HTTPException(404, f"slide {slide_id}: {describe_error(err)}") from err
-            self.cache.put(key, data)
-        return data
+
+        return self.cached(("tile", slide_id, opened.identity, level, col, row), make)
 
     def dzi(self, slide_id: str) -> str:
         opened = self.opened(slide_id)
@@ -198,25 +218,16 @@ class Viewer:
         data = self._data_or_404(slide_id)
         if not 0 <= index < len(data.layers):
             raise HTTPException(404, f"layer {index} outside 0..{len(data.layers) - 1}")
+        lay = data.layers[index]
         key = ("layer", slide_id, self._data[slide_id][0], index)
-        png = self.cache.get(key)
-        if png is None:
-            lay = data.layers[index]
-            png = attention_png(lay.values, lay.valid, data.vmax)
-            self.cache.put(key, png)
-        return png
+        return self.cached(key, lambda: attention_png(lay.values, lay.valid, data.vmax))
 
     def tissue(self, slide_id: str) -> bytes:
         data = self._data_or_404(slide_id)
         layer = data.tissue()
         if layer is None:
             raise HTTPException(404, "no tissue mask: tissue detection was off for this prediction")
-        key = ("tissue", slide_id, self._data[slide_id][0])
-        png = self.cache.get(key)
-        if png is None:
-            png = tissue_png(layer[0])
-            self.cache.put(key, png)
-        return png
+        return self.cached(("tissue", slide_id, self._data[slide_id][0]), lambda: tissue_png(layer[0]))
 
     def patch(self, slide_id: str, cell: int) -> bytes:
         """The cell's patch as the model read it: its level-0 square resampled to the patch side."""

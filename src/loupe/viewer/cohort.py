@@ -246,6 +246,8 @@ class PredictCohort(Cohort):
         self._infos: dict[str, tuple[_Signature, dict[str, Any] | None]] = {}
 
     def _load(self) -> None:
+        """Rows of the slides whose files changed are made again; a new summary remakes them all."""
+        remake = False
         sig = _signature(self.root / STATUS_FILE)
         if sig != self._status_sig:
             data = _read_json(self.root / STATUS_FILE) or {}
@@ -253,23 +255,31 @@ class PredictCohort(Cohort):
             self._status = (
                 {str(k): v for k, v in slides.items() if isinstance(v, dict)} if isinstance(slides, dict) else {}
             )
-            self._status_sig = sig
+            self._status_sig, remake = sig, True
         sig = _signature(self.root / PREDICTIONS_FILE)
         if sig != self._table_sig:
             self._table = _read_table(self.root / PREDICTIONS_FILE)
-            self._table_sig = sig
-        self._scan_states()
+            self._table_sig, remake = sig, True
+        changed = self._scan_states()
         ids = list(self._status)
         ids += sorted((k for k in self._states if k not in self._status), key=self._finished_at)
-        self._rows = {slide_id: self._row(slide_id) for slide_id in ids}
+        old = self._rows
+        self._rows = {
+            slide_id: old[slide_id]
+            if not remake and slide_id in old and slide_id not in changed
+            else self._row(slide_id)
+            for slide_id in ids
+        }
 
     def _finished_at(self, slide_id: str) -> float:
         return _float(self._states[slide_id][1].get("finished_at")) or 0.0
 
-    def _scan_states(self) -> None:
-        """Read the state files written or changed since the last scan (one small JSON file per finished slide)."""
+    def _scan_states(self) -> set[str]:
+        """Read the state files written or changed since the last scan (one small JSON file per finished slide);
+        returns the slides whose state changed."""
         folder = self.root / STATE_DIR
         seen: set[str] = set()
+        changed: set[str] = set()
         try:
             entries = list(os.scandir(folder))
         except OSError:
@@ -290,8 +300,11 @@ class PredictCohort(Cohort):
             state = _read_json(Path(entry.path))
             if state is not None:
                 self._states[slide_id] = (sig, state)
+                changed.add(slide_id)
         for gone in set(self._states) - seen:
             del self._states[gone]
+            changed.add(gone)
+        return changed
 
     def _row(self, slide_id: str) -> SlideRow:
         entry = dict(self._status.get(slide_id, {}))

@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 COLORMAP = "viridis"
-#: The longest side a layer image gets (pixels): cells are drawn as blocks of up to 16 px until then.
-MAX_LAYER_SIDE = 2048
+#: The longest side a layer image gets (pixels): cells are drawn as blocks of up to 8 px until then (sharp enough
+#: under the browser's smoothing, small enough to make in a few milliseconds).
+MAX_LAYER_SIDE = 1024
 #: Opacity (0..255) of an attention cell of zero attention; full at the slide's largest.
 MIN_ALPHA = 64
 #: Opacity (0..255) of the background shade of the tissue layer.
@@ -40,7 +41,7 @@ def colormap_stops(n: int = 9) -> list[str]:
 
 def _block(shape: tuple[int, int]) -> int:
     rows, cols = shape
-    return max(1, min(16, MAX_LAYER_SIDE // max(rows, cols, 1)))
+    return max(1, min(8, MAX_LAYER_SIDE // max(rows, cols, 1)))
 
 
 def _png(rgba: np.ndarray, block: int) -> bytes:
