@@ -137,15 +137,24 @@ def cohort_folders(root: Path, n: int) -> tuple[Path, Path]:
 
 def tile_latency(out: Path, slide: Path, n: int, seed: int = 0) -> dict[str, Any]:
     """Cold and warm latency of ``n`` tiles of the slide's finest Deep Zoom levels, one connection."""
+    from loupe.slides.tissue import detect_tissue
+
     with open_slide(slide) as reader:
         dz = DeepZoom(reader.dimensions)
+        tissue = detect_tissue(reader.thumbnail((1000, 750)))
     rng = random.Random(seed)
-    picks = []
+    picks, on_tissue = [], []
     for _ in range(n):
         level = dz.max_level - rng.choice([0, 0, 0, 1, 2, 3])  # mostly full resolution, as when reading a slide
         cols, rows = dz.level_tiles(level)
-        picks.append((level, rng.randrange(cols), rng.randrange(rows)))
-    picks = list(dict.fromkeys(picks))
+        col, row = rng.randrange(cols), rng.randrange(rows)
+        if (level, col, row) in picks:
+            continue
+        lw, lh = dz.level_dimensions(level)
+        cy = min(tissue.shape[0] - 1, int((row + 0.5) * dz.tile_size / lh * tissue.shape[0]))
+        cx = min(tissue.shape[1] - 1, int((col + 0.5) * dz.tile_size / lw * tissue.shape[1]))
+        picks.append((level, col, row))
+        on_tissue.append(bool(tissue[cy, cx]))
     result: dict[str, Any] = {}
     with background_server(out) as url:
         host, port = url.split("//")[1].rstrip("/").split(":")
@@ -161,8 +170,11 @@ def tile_latency(out: Path, slide: Path, n: int, seed: int = 0) -> dict[str, Any
             return (time.perf_counter() - start) * 1000
 
         fetch(dz.max_level - 8, 0, 0)  # opens the slide
-        result["cold_ms"] = _percentiles([fetch(*t) for t in picks])
-        result["warm_ms"] = _percentiles([fetch(*t) for t in picks])
+        cold = [fetch(*t) for t in picks]
+        warm = [fetch(*t) for t in picks]
+        result["cold_ms"], result["warm_ms"] = _percentiles(cold), _percentiles(warm)
+        result["tissue_cold_ms"] = _percentiles([t for t, keep in zip(cold, on_tissue, strict=True) if keep])
+        result["tissue_warm_ms"] = _percentiles([t for t, keep in zip(warm, on_tissue, strict=True) if keep])
         conn.close()
     return result
 
@@ -268,6 +280,10 @@ def _table(r: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| tile latency p50 ({t['cold_ms']['n']} tiles, ms) | {t['cold_ms']['p50']:.1f} | {t['warm_ms']['p50']:.1f} |",
         f"| tile latency p95 (ms) | {t['cold_ms']['p95']:.1f} | {t['warm_ms']['p95']:.1f} |",
+        f"| tissue tiles only ({t['tissue_cold_ms']['n']}): latency p50 (ms) | {t['tissue_cold_ms']['p50']:.1f} | "
+        f"{t['tissue_warm_ms']['p50']:.1f} |",
+        f"| tissue tiles only: latency p95 (ms) | {t['tissue_cold_ms']['p95']:.1f} | "
+        f"{t['tissue_warm_ms']['p95']:.1f} |",
         f"| slide page: first tile loaded (ms) | {fp['cold_ms']['first_tile']:.0f} | "
         f"{fp['warm_ms']['first_tile']:.0f} |",
         f"| slide page: first view fully drawn (ms) | {fp['cold_ms']['view_drawn']:.0f} | "

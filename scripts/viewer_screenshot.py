@@ -1,5 +1,5 @@
-"""The README's screenshot of `loupe view`: the slide page of the demo's first predicted slide, the most attended
-cell read by the model clicked (its patch shown in the panel).
+"""The README's screenshot of `loupe view`: the slide page of the demo's first predicted slide, the cell the model
+read most often clicked (its patch shown in the panel).
 
     python scripts/viewer_screenshot.py                       # runs `loupe demo --out runs/demo` first if needed
     python scripts/viewer_screenshot.py --demo runs/demo --out docs/viewer.png
@@ -41,10 +41,10 @@ def main() -> None:
         page.wait_for_selector("body[data-tiles=loaded]", timeout=60_000)
         page.wait_for_selector("body[data-layers=loaded]", timeout=60_000)
         page.eval_on_selector("#opacity", "el => { el.value = 55; el.dispatchEvent(new Event('input')); }")
-        page.click("#cells li >> nth=0")  # the cell drawn most often: zooms to it and shows its patch
+        top = page.get_attribute("#cells li >> nth=0", "data-cell")  # the cell drawn most often
+        page.click(f".cell-outline[data-cell='{top}']")  # its patch in the panel; the whole slide stays in view
         page.wait_for_function("() => document.getElementById('patch').naturalWidth > 0")
-        page.wait_for_timeout(1500)  # the zoom animation, then its tiles
-        page.wait_for_selector("body[data-tiles=loaded]")
+        page.wait_for_timeout(500)
         box = page.locator("#viewer").bounding_box()
         assert box is not None
         page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)  # the value under the cursor

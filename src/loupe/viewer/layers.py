@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 
 COLORMAP = "viridis"
-#: The longest side a layer image gets (pixels): cells are drawn as blocks of up to 8 px until then (sharp enough
-#: under the browser's smoothing, small enough to make in a few milliseconds).
-MAX_LAYER_SIDE = 1024
+#: The longest side a layer image gets (pixels): each cell is a block of pixels (up to 128 px a side), so that the
+#: browser's smoothing blurs only the block's outermost pixel; blocks of one colour keep the PNG small.
+MAX_LAYER_SIDE = 2048
 #: Opacity (0..255) of an attention cell of zero attention; full at the slide's largest.
 MIN_ALPHA = 64
 #: Opacity (0..255) of the background shade of the tissue layer.
@@ -41,7 +41,7 @@ def colormap_stops(n: int = 9) -> list[str]:
 
 def _block(shape: tuple[int, int]) -> int:
     rows, cols = shape
-    return max(1, min(8, MAX_LAYER_SIDE // max(rows, cols, 1)))
+    return max(1, min(128, MAX_LAYER_SIDE // max(rows, cols, 1)))
 
 
 def _png(rgba: np.ndarray, block: int) -> bytes:
