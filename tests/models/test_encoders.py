@@ -17,6 +17,7 @@ from loupe.models import create_backbone
 from loupe.models.encoders import (
     ENCODERS,
     LOUPE_TIMM_OVERRIDES,
+    ConvEncoderBackbone,
     EncoderBackbone,
     EncoderSpec,
     build_encoder,
@@ -56,7 +57,8 @@ def test_spec_is_complete(name):
     spec = ENCODERS[name]
     assert spec.name and spec.timm_model and spec.input_size > 0 and spec.embed_dim > 0
     assert len(spec.mean) == len(spec.std) == 3 and all(s > 0 for s in spec.std)
-    assert spec.native_mpp and all(0 < m <= 16 for m in spec.native_mpp) and spec.tile_size > 0
+    assert all(0 < m <= 16 for m in spec.native_mpp) and spec.tile_size > 0
+    assert spec.native_mpp or "ImageNet" in spec.name  # photographs have no µm/px; every pathology encoder has one
     assert spec.weights_url.startswith("https://") and spec.weights_file
     assert spec.licence and spec.licence_url.startswith("https://")
     if spec.hf_repo is not None:
@@ -75,8 +77,12 @@ def test_every_encoder_builds_on_meta_with_its_embedding_size(name):
         emb = b(torch.rand(1, 3, size, size))
         resized = b(torch.rand(2, 3, 64, 64))  # any patch size: resized to the input size
         fmap = b.feature_map(torch.rand(1, 3, size, size))
-    assert isinstance(b, EncoderBackbone) and b.num_features == spec.embed_dim
+    assert b.num_features == spec.embed_dim
     assert emb.shape == (1, spec.embed_dim) and resized.shape == (2, spec.embed_dim)
+    if spec.family == "cnn":  # a stride-32 feature map of the input at its own size
+        assert isinstance(b, ConvEncoderBackbone) and fmap.shape == (1, b.map_channels, size // 32, size // 32)
+        return
+    assert isinstance(b, EncoderBackbone)
     assert fmap.shape == (1, b.map_channels, size // b.patch_size, size // b.patch_size)
     if spec.pooling == "cls":  # the published model(x) is the class token: timm's head takes it as it is
         assert b.vit.global_pool == "token" and isinstance(b.vit.fc_norm, torch.nn.Identity)

