@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("starlette", reason="the viewer's tests need its extra: pip install 'loupe[viewer]'")
-
 from .cohort_fixture import build_predict_output
+
+#: Why the tests that serve the app skip without the web parts.
+NO_EXTRA = "the viewer's web parts are not installed: pip install 'loupe[viewer]'"
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
@@ -24,6 +25,8 @@ def predict_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def client(predict_out: Path) -> Iterator[Any]:
+    pytest.importorskip("httpx", reason=NO_EXTRA)
+    pytest.importorskip("starlette", reason=NO_EXTRA)
     from starlette.testclient import TestClient
 
     from loupe.viewer.app import create_app
@@ -43,6 +46,7 @@ def chromium_path() -> str | None:
 
 @pytest.fixture(scope="session")
 def server_url(predict_out: Path) -> Iterator[str]:
+    pytest.importorskip("uvicorn", reason=NO_EXTRA)
     from loupe.viewer.server import background_server
 
     with background_server(predict_out) as url:

@@ -162,6 +162,7 @@ def test_view_help_lists_its_options(capsys):
 @pytest.mark.parametrize("folder_kind", ["predict"])
 def test_loupe_view_serves_until_interrupted(tmp_path, folder_kind):
     """The command itself: prints the URL, answers, and stops cleanly on Ctrl-C (SIGINT)."""
+    pytest.importorskip("uvicorn", reason="the viewer's web parts are not installed: pip install 'loupe[viewer]'")
     import signal
     import subprocess
     import sys
@@ -188,6 +189,7 @@ def test_a_port_in_use_is_one_message(tmp_path):
 
     from loupe.viewer.server import view
 
+    pytest.importorskip("uvicorn", reason="the viewer's web parts are not installed: pip install 'loupe[viewer]'")
     out = build_predict_output(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

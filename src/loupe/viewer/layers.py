@@ -17,7 +17,7 @@ from PIL import Image
 COLORMAP = "viridis"
 #: The longest side a layer image gets (pixels): each cell is a block of pixels (up to 128 px a side), so that the
 #: browser's smoothing blurs only the block's outermost pixel; blocks of one colour keep the PNG small.
-MAX_LAYER_SIDE = 2048
+MAX_LAYER_SIDE = 1024
 #: Opacity (0..255) of an attention cell of zero attention; full at the slide's largest.
 MIN_ALPHA = 64
 #: Opacity (0..255) of the background shade of the tissue layer.
