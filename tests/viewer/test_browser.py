@@ -121,6 +121,9 @@ def test_layer_toggle_and_opacity_change_the_pixels_where_attention_is_high(page
     hot = _screen_point(page, (col + 0.5) * PATCH, (row + 0.5) * PATCH)
     green = band_colour((col + 0.5) * PATCH)
     assert page.locator("input[data-layer='20x']").is_checked()  # the magnification with most attention
+    page.mouse.move(*hot)
+    value = page.inner_text("#value")  # every magnification's value under the cursor
+    assert "20x 0.909" in value and "10x 0.0000909" in value and f"x {(col * PATCH + PATCH // 2)}" in value, value
     _set_opacity(page, 100)
     _settled(page, hot, VIRIDIS_TOP)
     _set_layer(page, "20x", False)
