@@ -158,6 +158,7 @@ def col_row_to_xy(row: int, col: int) -> tuple[int, int]:
 def test_keyboard_steps_through_the_cohort_in_its_current_order(page, server_url):
     _open_slide(page, server_url, query="?sort=probability&order=desc")
     page.wait_for_function("() => document.getElementById('position').textContent === '1 / 4'")
+    page.click("#viewer")  # the keys work with the viewer focused too
     page.keyboard.press("n")
     page.wait_for_url("**/slide/gone?*")
     assert "sort=probability" in page.url
