@@ -82,7 +82,7 @@ class Viewer:
         self.cache = TileCache(cache_bytes)
         self.limiter = anyio.CapacityLimiter(threads or max(4, 2 * (os.cpu_count() or 1)))
         self._slides: OrderedDict[str, _Opened] = OrderedDict()
-        self._data: dict[str, tuple[tuple[int, int] | None, SlideData | str]] = {}
+        self._data: OrderedDict[str, tuple[tuple[int, int] | None, SlideData | str]] = OrderedDict()
         self._lock = threading.Lock()
         self._making: dict[tuple[Any, ...], threading.Lock] = {}
 
@@ -153,14 +153,19 @@ class Viewer:
                 return f"prediction failed: {row.reason}"
             return self.cohort.notice or "no outputs for this slide yet (not predicted, or still being predicted)"
         identity = _identity(folder / PREDICTION_FILE)
-        known = self._data.get(slide_id)
-        if known is not None and known[0] == identity:
-            return known[1]
+        with self._lock:
+            known = self._data.get(slide_id)
+            if known is not None and known[0] == identity:
+                self._data.move_to_end(slide_id)
+                return known[1]
         try:
             data: SlideData | str = load_slide_data(slide_id, folder, self.cohort.run_info)
         except SlideDataError as err:
             data = str(err)
-        self._data[slide_id] = (identity, data)
+        with self._lock:
+            self._data[slide_id] = (identity, data)
+            while len(self._data) > OPEN_SLIDES * 4:  # the slides looked at last
+                self._data.popitem(last=False)
         return data
 
     def describe(self, slide_id: str) -> dict[str, Any]:
@@ -208,6 +213,11 @@ class Viewer:
             raise HTTPException(404, opened.error or "slide unavailable")
         return opened.zoom.dzi()
 
+    def _outputs_identity(self, slide_id: str) -> tuple[int, int] | None:
+        """What a slide's layer images depend on: its ``prediction.json`` as it is now (rewritten last)."""
+        folder = self.cohort.slide_folder(slide_id)
+        return None if folder is None else _identity(folder / PREDICTION_FILE)
+
     def _data_or_404(self, slide_id: str) -> SlideData:
         data = self.slide_data(slide_id)
         if isinstance(data, str):
@@ -219,7 +229,7 @@ class Viewer:
         if not 0 <= index < len(data.layers):
             raise HTTPException(404, f"layer {index} outside 0..{len(data.layers) - 1}")
         lay = data.layers[index]
-        key = ("layer", slide_id, self._data[slide_id][0], index)
+        key = ("layer", slide_id, self._outputs_identity(slide_id), index)
         return self.cached(key, lambda: attention_png(lay.values, lay.valid, data.vmax))
 
     def tissue(self, slide_id: str) -> bytes:
@@ -227,7 +237,8 @@ class Viewer:
         layer = data.tissue()
         if layer is None:
             raise HTTPException(404, "no tissue mask: tissue detection was off for this prediction")
-        return self.cached(("tissue", slide_id, self._data[slide_id][0]), lambda: tissue_png(layer[0]))
+        key = ("tissue", slide_id, self._outputs_identity(slide_id))
+        return self.cached(key, lambda: tissue_png(layer[0]))
 
     def patch(self, slide_id: str, cell: int) -> bytes:
         """The cell's patch as the model read it: its level-0 square resampled to the patch side."""
