@@ -135,9 +135,7 @@ TISSUE_20X = {
 
 def test_every_shared_real_slide_is_predicted_with_tissue_detection(trained_run, slides_dir, tmp_path):
     # slide_mpp fills in only for the TCGA crop, the one file without µm/px.
-    run = predict(
-        trained_run, [slides_dir], out=tmp_path / "out", workers=0, tissue=True, slide_mpp=0.5, heatmaps=True
-    )
+    run = predict(trained_run, [slides_dir], out=tmp_path / "out", workers=0, tissue=True, slide_mpp=0.5, heatmaps=True)
     slides = run.status.slides
     assert len(slides) == 6 and "dicom-cmu-1-small-region" in slides
     for slide_id, entry in slides.items():
