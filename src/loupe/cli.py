@@ -135,6 +135,18 @@ def _export_parser(prog: str) -> ArgumentParser:
     return parser
 
 
+def _export_run_parser(prog: str) -> ArgumentParser:
+    parser = _parser(prog)
+    parser.add_argument("run", help="run folder written by `loupe train`")
+    parser.add_argument("--out", required=True, help="new folder: config.yaml and checkpoints/best.ckpt")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument(
+        "--weights", default=None,
+        help="the run's frozen encoder's weights file (or a folder holding it), when not where its config says",
+    )  # fmt: skip
+    return parser
+
+
 def _import_bach_parser(prog: str) -> ArgumentParser:
     from loupe.datasets.bach import BACH_MPP
 
@@ -272,6 +284,14 @@ def _export(ns: Namespace, args: list[str]) -> int:
     return 0
 
 
+def _export_run(ns: Namespace, args: list[str]) -> int:
+    from loupe.workflows.export import export_run
+
+    folder = export_run(ns.run, out=ns.out, checkpoint=ns.checkpoint, weights=ns.weights)
+    print(f"wrote {folder}: a self-contained run (every tensor in checkpoints/best.ckpt, no weights file needed)")
+    return 0
+
+
 def _import_bach(ns: Namespace, args: list[str]) -> int:
     from loupe.datasets.bach import import_bach
 
@@ -348,6 +368,13 @@ COMMANDS: dict[str, Command] = {
         "demo --out DIR [--signal-magnification highest|lowest|LABEL]",
         _demo_parser,
         _demo,
+    ),
+    "export": Command(
+        "a self-contained copy of a run to share: its config and one checkpoint holding every tensor (a frozen "
+        "encoder's too)",
+        "export RUN --out DIR [--checkpoint best|last] [--weights FILE]",
+        _export_run_parser,
+        _export_run,
     ),
     "export-encoder": Command(
         "a trained run's patch network as a weights file, to load as an encoder (e.g. frozen) in another run",

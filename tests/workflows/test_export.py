@@ -13,6 +13,7 @@ import torch
 from loupe.cli import main
 from loupe.config import Config
 from loupe.datasets.synthetic import SyntheticSpec, generate_dataset
+from loupe.workflows.common import load_run
 from loupe.workflows.demo import demo_config
 from loupe.workflows.evaluation import evaluate
 from loupe.workflows.training import train
@@ -63,9 +64,12 @@ def test_an_exported_encoder_frozen_in_a_new_run_learns_faster_than_from_scratch
         _config(manifest, FROZEN_EPOCHS, patch_pretrained=str(encoder), freeze_patch_backbone=True),
         out=tmp_path / "frozen",
     )
-    after = torch.load(frozen / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    after = torch.load(frozen / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("model.patch_net.") for k in after["state_dict"])  # recorded by SHA-256 instead
+    assert [e["file"] for e in after["loupe_frozen"].values()] == [str(encoder)]
+    _, loaded, _ = load_run(frozen, "last")
     for key, value in exported.items():  # frozen: trained for FROZEN_EPOCHS and not changed
-        torch.testing.assert_close(after[f"model.patch_net.net.{key}"], value)
+        torch.testing.assert_close(loaded.patch_net.net.state_dict()[key], value)
 
     learned_scratch = _first_epoch_learned(scratch, planted)
     learned_frozen = _first_epoch_learned(frozen, planted)

@@ -5,6 +5,8 @@ pooled embedding. Below both :mod:`loupe.models.encoders` (published encoders) a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +29,12 @@ class Backbone(nn.Module):
         #: Channels of :meth:`feature_map` (the thumbnail network's output); equal to ``num_features`` except for
         #: registry encoders whose embedding is not a token (Virchow2's class ‖ mean, CONCH's pooled 512).
         self.map_channels = num_features
+        self.name = ""
+        """The name it was built by (``create_backbone``): a registry, timm or tiny name."""
+        self.weights_file: Path | None = None
+        """The file its weights were loaded from (a path setting, or a packaged encoder's installed file); None for
+        random or timm-hub weights. A frozen backbone with a file is kept out of checkpoints (recorded by name and
+        the file's SHA-256 instead)."""
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 

@@ -49,6 +49,19 @@ class TinyCNN(nn.Module):
 
 
 def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbone:
+    """Build a backbone by name (see :func:`_create`), remembering its name and the file its weights came from."""
+    from loupe.models.encoders import ENCODERS, packaged_weights
+
+    backbone = _create(name, pretrained)
+    backbone.name = name
+    if pretrained is True and name in ENCODERS:  # a packaged encoder (any other was refused)
+        backbone.weights_file = packaged_weights(name)
+    elif not isinstance(pretrained, bool):
+        backbone.weights_file = Path(pretrained)
+    return backbone
+
+
+def _create(name: str, pretrained: bool | str | Path = False) -> Backbone:
     """Build a backbone: ``"tiny"``, ``"tiny_s8"``, a registry encoder (``"uni"``, ``"virchow2"``...:
     :data:`loupe.models.encoders.ENCODERS`) or any timm model name (``"inception_v3"``, ``"resnet34"``...).
 

@@ -38,6 +38,7 @@ from loupe.models.interface import (
 )
 from loupe.models.runtime import Runtime
 from loupe.training.distributed import average_gradients, gather_rows
+from loupe.training.frozen import restore_frozen, strip_frozen
 
 
 class SlideClassifierModule(L.LightningModule):
@@ -100,6 +101,16 @@ class SlideClassifierModule(L.LightningModule):
             **kw,
         )
         return loss
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A frozen encoder loaded from a file is recorded by name and SHA-256 instead of its tensors."""
+        strip_frozen(checkpoint, self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming: the left-out encoder's tensors come back from the network built from the run's config, whose
+        file must be the recorded one."""
+        restore_frozen(checkpoint, self.model)
 
     # --- training -----------------------------------------------------------------------------------------
     def on_train_start(self) -> None:

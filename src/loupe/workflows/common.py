@@ -18,6 +18,8 @@ from loupe.slides import Magnification, parse_magnifications
 from loupe.slides.cache import SlideCache
 from loupe.slides.tissue import TissueSettings
 from loupe.training.checkpoint_io import load_weights_only
+from loupe.training.frozen import FROZEN, fill_frozen
+from loupe.workflows import run_weights
 from loupe.workflows.inference import runtime_of
 
 
@@ -73,29 +75,48 @@ def make_catalog(records: list[SlideRecord] | tuple[SlideRecord, ...], cfg: Conf
     )
 
 
-def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Path]:
+def run_checkpoint(
+    run_dir: str | Path, checkpoint: str = "best", *, weights: str | Path | None = None
+) -> tuple[Config, Path]:
     """The config of a run folder and the checkpoint file it would load (``best``, else ``last``), without
-    loading any weights."""
+    loading any weights; the weights files of its networks resolved (:func:`~loupe.workflows.run_weights.resolve`:
+    a frozen encoder left out of the checkpoint is found where the config says or where ``weights`` or
+    ``$LOUPE_WEIGHTS`` point, and checked by its SHA-256)."""
     paths = RunPaths(Path(run_dir))
     if not paths.config.is_file():
         raise LoupeError(f"{paths.root} is not a loupe run folder (no config.yaml): pass the --out of `loupe train`")
-    cfg = load_config(paths.config)
     ckpt = paths.best if checkpoint == "best" and paths.best.is_file() else paths.last
     if not ckpt.is_file():
+        load_config(paths.config)  # a broken config is the first thing to say
         raise LoupeError(f"no checkpoint in {paths.checkpoints}: train first (`loupe train ... --out {paths.root}`)")
-    return cfg, ckpt
+    return run_weights.run_config(paths.config, ckpt, weights), ckpt
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, SlideClassifier, Path]:
-    """The config and trained model of a run folder (weights loaded with ``weights_only=True``), in eval mode on
-    the run's inference device and memory format."""
-    cfg, ckpt = run_checkpoint(run_dir, checkpoint)
+def load_model(
+    run_dir: str | Path, checkpoint: str = "best", *, weights: str | Path | None = None
+) -> tuple[Config, SlideClassifier, Path]:
+    """The config and trained model of a run folder (weights loaded with ``weights_only=True``), on the CPU in
+    float32 and in training mode, as its checkpoint holds it: a frozen encoder left out of the checkpoint comes
+    from its (checked) weights file."""
+    cfg, ckpt = run_checkpoint(run_dir, checkpoint, weights=weights)
     state = load_weights_only(ckpt)  # a file holding pickled objects is refused with a message
     prefix = "model."
-    weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
-    cfg = architecture(cfg).migrate_checkpoint(cfg, weights)  # e.g. trained before a part of the model existed
+    params = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    cfg = architecture(cfg).migrate_checkpoint(cfg, params)  # e.g. trained before a part of the model existed
     model = build_model(cfg, len(cfg.data.classes or []))
-    model.load_state_dict(weights)
+    if state.get(FROZEN):
+        fill_frozen(params, state[FROZEN], model, "")
+    model.load_state_dict(params)
+    return cfg, model, ckpt
+
+
+def load_run(
+    run_dir: str | Path, checkpoint: str = "best", *, weights: str | Path | None = None
+) -> tuple[Config, SlideClassifier, Path]:
+    """The config and trained model of a run folder (:func:`load_model`), in eval mode on the run's inference
+    device and memory format. ``weights``: where to look for a frozen encoder's weights file left out of the
+    checkpoint, when it is not where the run's config says (a file, or a folder; also ``$LOUPE_WEIGHTS``)."""
+    cfg, model, ckpt = load_model(run_dir, checkpoint, weights=weights)
     model.eval()
     runtime: Runtime = runtime_of(cfg)
     runtime.prepare(model)
