@@ -15,7 +15,7 @@ from typing import Any
 
 from loupe.atomic import atomic_write, write_text
 from loupe.config import Config, dump_config
-from loupe.errors import ConfigError, OutputError
+from loupe.errors import ConfigError, OutputError, prepare_output_folder
 from loupe.models.backbones import Backbone
 from loupe.models.factory import architecture
 from loupe.training.checkpoint_io import load_weights_only
@@ -55,6 +55,7 @@ def export_run(
         raise OutputError(f"--out {out}: the run folder itself; give another folder")
     if target.config.exists() or target.checkpoints.exists():
         raise OutputError(f"{target.root} already holds a run (config.yaml or checkpoints/): give an empty folder")
+    prepare_output_folder(target.root, "export folder (--out)")  # writable, before anything is loaded
     _, ckpt = run_checkpoint(run, checkpoint, weights=weights)
     left_out = frozen_record(ckpt)
     cfg, model, ckpt = load_model(run, checkpoint, weights=weights)
