@@ -204,14 +204,15 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else math.inf
         return f"{text}; {_rate(rate, self.what)}, about {duration(left)} left" if self.done else text
 
-    def close(self) -> None:
-        """The last line (in a log) or the finished bar (on a terminal); idempotent."""
+    def close(self, *, failed: bool = False) -> None:
+        """The last line (in a log) or the finished bar (on a terminal); idempotent. ``failed``: the job ended in
+        an error, which says the rest: no last line."""
         if self.closed:
             return
         self.closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.total:
+        elif self.total and not failed:
             self.log.info("%s", self.line())
 
     def __enter__(self) -> Progress:
@@ -220,7 +221,7 @@ class Progress:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self.close()
+        self.close(failed=kind is not None)
 
 
 def _rate(per_s: float, what: str) -> str:
