@@ -332,8 +332,8 @@ def _bench_summary() -> str:
 def _bench_usage() -> str:
     from loupe.bench.commands import BENCH_COMMANDS, DEFAULT
 
-    names = ",".join(name for name in BENCH_COMMANDS if name != DEFAULT)
-    return f"bench [--config CONFIG] --out DIR [--quick | --accuracy] | bench {{{names}}} ... (--help: its options)"
+    names = "|".join(name for name in BENCH_COMMANDS if name != DEFAULT)
+    return f"bench [{names}] --out DIR [options]"
 
 
 COMMANDS: dict[str, Command] = {
