@@ -20,6 +20,7 @@ import numpy as np
 from loupe.atomic import write_text
 from loupe.errors import ManifestError
 from loupe.slides.formats import DICOM_SUFFIXES, SLIDE_SUFFIXES
+from loupe.slides.urls import SlideSource, SlideURL, as_source
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 """The allowed values of the ``split`` column."""
@@ -40,7 +41,7 @@ class SlideRecord:
     """One slide of a manifest."""
 
     slide_id: str
-    path: Path
+    path: SlideSource  # a local Path, or a SlideURL (whose str() is redacted)
     label: str | None = None
     split: str | None = None
     mpp: float | None = None
@@ -149,7 +150,7 @@ def _windows_hint(raw: str) -> str:
     return ""
 
 
-def _default_slide_id(path: Path) -> str:
+def _default_slide_id(path: SlideSource) -> str:
     """File stem; for a DICOM file (one of many in a slide folder) the folder's name."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return path.parent.name
@@ -273,10 +274,15 @@ def load_manifest(
         if not raw_path:
             no_path.append(row)
             continue
-        p = Path(os.path.expanduser(raw_path))
-        slide_path = Path(os.path.normpath(p if p.is_absolute() else base / p))
-        if check_files and not slide_path.exists():
-            missing.append((row, raw_path, slide_path))
+        slide_path: SlideSource
+        url = as_source(raw_path)  # a URL is taken as it is (and asked for when the slide is opened)
+        if url is not None:
+            slide_path = url
+        else:
+            p = Path(os.path.expanduser(raw_path))
+            slide_path = Path(os.path.normpath(p if p.is_absolute() else base / p))
+            if check_files and not slide_path.exists():
+                missing.append((row, raw_path, slide_path))
         slide_id = values.get("slide_id", "") or _default_slide_id(slide_path)
         ids[slide_id].append(row)
         why = unsafe_slide_id(slide_id)
@@ -375,8 +381,11 @@ def save_manifest(manifest: Manifest, path: str | Path) -> Path:
     writer = csv.writer(buffer)
     writer.writerow(COLUMNS)
     for r in manifest.records:
-        p = Path(os.path.abspath(r.path))
-        shown = p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p)
+        if isinstance(r.path, SlideURL):
+            shown = str(r.path)  # redacted: credentials are never written
+        else:
+            p = Path(os.path.abspath(r.path))
+            shown = p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p)
         mpp = "" if r.mpp is None else repr(float(r.mpp))
         writer.writerow([r.slide_id, shown, r.label or "", r.split or "", mpp, r.group or ""])
     return write_text(target, buffer.getvalue())
@@ -408,16 +417,21 @@ def _expand_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
     return sorted(found)
 
 
-def manifest_from_paths(paths: Sequence[str | Path], exclude: str | Path | None = None) -> Manifest:
+def manifest_from_paths(paths: Sequence[str | Path | SlideURL], exclude: str | Path | None = None) -> Manifest:
     """An unlabelled manifest over slide files and folders (expanded to their slide files, sorted), leaving out
     the folder ``exclude`` (the output folder, when it lies inside an input folder)."""
     skip = Path(os.path.abspath(Path(os.path.expanduser(exclude)))) if exclude is not None else None
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    files: list[Path] = []
+    files: list[SlideSource] = []
     missing: list[str] = []
     empty: list[str] = []
     for given in paths:
+        url = as_source(given)
+        if url is not None:
+            files.append(url)
+            continue
+        assert not isinstance(given, SlideURL)
         p = Path(os.path.abspath(Path(os.path.expanduser(given))))
         if not p.exists():
             missing.append(str(p))
@@ -453,7 +467,7 @@ def manifest_from_paths(paths: Sequence[str | Path], exclude: str | Path | None 
     return Manifest(records, (), None)
 
 
-def _unique_ids(files: Sequence[Path]) -> list[str]:
+def _unique_ids(files: Sequence[SlideSource]) -> list[str]:
     """Default slide ids; a name shared by several files gets its folder name prepended, then a number."""
     ids = [_default_slide_id(f) for f in files]
     counts: dict[str, int] = defaultdict(int)
@@ -472,6 +486,6 @@ def _unique_ids(files: Sequence[Path]) -> list[str]:
     return out
 
 
-def _default_parent(path: Path) -> str:
+def _default_parent(path: SlideSource) -> str:
     folder = path.parent.parent if path.suffix.lower() in DICOM_SUFFIXES else path.parent
     return folder.name or "root"

@@ -21,6 +21,7 @@ from loupe.errors import SlideError
 from loupe.slides import Magnification, SlideGrid, SlideReader, build_grid
 from loupe.slides.cache import SlideCache
 from loupe.slides.tissue import TissueSettings, cell_validity, detect_tissue, overview_size
+from loupe.slides.urls import SlideURL
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class SlidePreparer:
         self.settings = settings
         self.cache = cache if cache is not None else SlideCache(enabled=False)
 
-    def header(self, path: str | Path, mpp: object, open_reader: Callable[[], SlideReader]) -> SlideHeader:
+    def header(self, path: str | Path | SlideURL, mpp: object, open_reader: Callable[[], SlideReader]) -> SlideHeader:
         """Dimensions and µm/px, from the cache or the opened slide; ``mpp`` describes how the µm/px is chosen
         (part of the cache key)."""
         params = {"backend": self.settings.backend, "mpp": mpp}
@@ -74,12 +75,14 @@ class SlidePreparer:
         width, height = (int(v) for v in arrays["dimensions"])
         return SlideHeader((width, height), None if math.isnan(value) else value)
 
-    def grid(self, header: SlideHeader, path: str | Path) -> SlideGrid:
+    def grid(self, header: SlideHeader, path: str | Path | SlideURL) -> SlideGrid:
         """The slide's grid at every magnification (no IO: pure geometry)."""
-        return build_grid(header.dimensions, header.mpp, self.settings.magnifications, self.settings.patch_size, path)
+        return build_grid(
+            header.dimensions, header.mpp, self.settings.magnifications, self.settings.patch_size, str(path)
+        )
 
     def thumbnail(
-        self, path: str | Path, open_reader: Callable[[], SlideReader], timer: Timer | None = None
+        self, path: str | Path | SlideURL, open_reader: Callable[[], SlideReader], timer: Timer | None = None
     ) -> np.ndarray:
         """The model's thumbnail (h, w, 3) uint8 at ``thumbnail_size``."""
         start = time.perf_counter()
@@ -92,7 +95,11 @@ class SlidePreparer:
         return arrays["image"]
 
     def overview(
-        self, path: str | Path, grid: SlideGrid, open_reader: Callable[[], SlideReader], timer: Timer | None = None
+        self,
+        path: str | Path | SlideURL,
+        grid: SlideGrid,
+        open_reader: Callable[[], SlideReader],
+        timer: Timer | None = None,
     ) -> np.ndarray:
         """A larger thumbnail for tissue detection and overlays, fine enough to resolve the finest grid."""
         start = time.perf_counter()
@@ -106,7 +113,7 @@ class SlidePreparer:
 
     def tissue(
         self,
-        path: str | Path,
+        path: str | Path | SlideURL,
         grid: SlideGrid,
         open_reader: Callable[[], SlideReader],
         timer: Timer | None = None,

@@ -1,6 +1,7 @@
 """A per-slide disk cache of derived arrays (thumbnail, overview, tissue mask, slide header).
 
-Each entry is keyed by the slide file's identity (resolved path, size, modification time) and every parameter
+Each entry is keyed by the slide file's identity (resolved path, size, modification time; for a slide named by URL,
+the URL without credentials and the object's ETag or Last-Modified and size) and every parameter
 that produced it, hashed together: a changed parameter or a rewritten file gives a new key, so a stale entry is
 never read. Entries are single ``.npz`` files written atomically (:mod:`loupe.atomic`: a temporary file of a
 unique name, then rename), so concurrent DataLoader workers, several prediction workers preparing the same slide
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from loupe.atomic import atomic_write
+from loupe.slides.remote import remote_identity
+from loupe.slides.urls import SlideURL, as_source
 
 log = logging.getLogger("loupe")
 
@@ -54,8 +57,13 @@ def default_cache_dir() -> Path:
     return Path(os.path.expanduser(base)) / "loupe"
 
 
-def file_identity(path: str | Path) -> dict[str, Any]:
-    """What identifies a slide's content cheaply: resolved path, size and mtime (of every file, for a folder)."""
+def file_identity(path: str | Path | SlideURL) -> dict[str, Any]:
+    """What identifies a slide's content cheaply: resolved path, size and mtime (of every file, for a folder);
+    for a URL, the URL without credentials and the object's ETag (or Last-Modified and size)."""
+    url = as_source(path)
+    if url is not None:
+        return remote_identity(url)
+    assert not isinstance(path, SlideURL)
     p = Path(os.path.expanduser(path)).resolve()
     if p.is_dir():  # DICOM: a folder of files
         files = sorted(f for f in p.iterdir() if f.is_file())
@@ -65,7 +73,7 @@ def file_identity(path: str | Path) -> dict[str, Any]:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def cache_key(kind: str, path: str | Path, params: Mapping[str, Any]) -> str:
+def cache_key(kind: str, path: str | Path | SlideURL, params: Mapping[str, Any]) -> str:
     """The hex key of entry ``kind`` of a slide made with ``params`` (JSON-serialisable values)."""
     payload = {"version": CACHE_VERSION, "kind": kind, "file": file_identity(path), "params": dict(params)}
     text = json.dumps(payload, sort_keys=True, default=str)
@@ -83,7 +91,7 @@ class SlideCache:
     def _entry(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.npz"
 
-    def _key(self, kind: str, path: str | Path, params: Mapping[str, Any]) -> Path | None:
+    def _key(self, kind: str, path: str | Path | SlideURL, params: Mapping[str, Any]) -> Path | None:
         """The entry file, or None when caching is off or the slide cannot be stat'ed (then nothing is cached)."""
         if not self.enabled:
             return None
@@ -92,7 +100,7 @@ class SlideCache:
         except OSError:
             return None
 
-    def load(self, kind: str, path: str | Path, params: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    def load(self, kind: str, path: str | Path | SlideURL, params: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
         """The stored arrays of an entry, or None when absent (or unreadable: it is then recomputed)."""
         entry = self._key(kind, path, params)
         if entry is None:
@@ -102,7 +110,9 @@ class SlideCache:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
 
-    def store(self, kind: str, path: str | Path, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    def store(
+        self, kind: str, path: str | Path | SlideURL, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+    ) -> None:
         """Write an entry atomically; a cache that cannot be written is skipped, never fatal."""
         entry = self._key(kind, path, params)
         if entry is None:
@@ -123,7 +133,7 @@ class SlideCache:
     def get(
         self,
         kind: str,
-        path: str | Path,
+        path: str | Path | SlideURL,
         params: Mapping[str, Any],
         compute: Callable[[], Mapping[str, np.ndarray]],
     ) -> tuple[dict[str, np.ndarray], bool]:

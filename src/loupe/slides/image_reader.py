@@ -20,6 +20,7 @@ from loupe.errors import SlideError
 from loupe.slides.formats import TIFF_SUFFIXES
 from loupe.slides.reader import SlideReader
 from loupe.slides.resample import crop_padded, read_box_from_array, to_rgb8
+from loupe.slides.urls import local_only
 
 # A resolution coarser than this is a document default (72/96/300 dpi), not a microscope calibration.
 MAX_PLAUSIBLE_MPP = 50.0
@@ -74,6 +75,7 @@ class ImageReader(SlideReader):
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         super().__init__(path, mpp)
+        self._file = local_only(self.path, "image")
         self._lock = threading.Lock()
         self._full: np.ndarray | None = None
         self._cache: dict[float, np.ndarray] = {}
@@ -93,7 +95,7 @@ class ImageReader(SlideReader):
             ) from None
 
     def _open_tiff(self) -> None:
-        with tifffile.TiffFile(self.path) as tif:
+        with tifffile.TiffFile(self._file) as tif:
             if not tif.pages:
                 raise ValueError("no image pages")
             page = tif.pages.first
@@ -103,7 +105,7 @@ class ImageReader(SlideReader):
 
     def _open_pil(self) -> None:
         try:
-            with Image.open(self.path) as img:
+            with Image.open(self._file) as img:
                 self._size = (int(img.width), int(img.height))
                 self._file_mpp = pil_mpp(img.info)
                 self._props.update({"image.format": str(img.format), "image.mode": img.mode})
@@ -146,7 +148,7 @@ class ImageReader(SlideReader):
         errors = []
         if self._is_tiff:
             try:
-                with tifffile.TiffFile(self.path) as tif:
+                with tifffile.TiffFile(self._file) as tif:
                     array = tif.pages.first.asarray()
                 if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (1, 2, 3, 4):
                     array = np.moveaxis(array, 0, -1)  # planar (separate) channels
@@ -154,7 +156,7 @@ class ImageReader(SlideReader):
             except Exception as err:  # e.g. a compression tifffile cannot decode without imagecodecs
                 errors.append(f"tifffile: {err}")
         try:
-            with Image.open(self.path) as img:
+            with Image.open(self._file) as img:
                 img.load()
                 if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                     return to_rgb8(np.asarray(img))

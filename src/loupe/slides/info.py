@@ -10,10 +10,11 @@ from loupe.errors import SlideError
 from loupe.slides.grid import build_grid
 from loupe.slides.magnification import Magnification, parse_magnifications
 from loupe.slides.open import open_slide
+from loupe.slides.urls import SlideURL
 
 
 def describe_slide(
-    path: str | Path,
+    path: str | Path | SlideURL,
     backend: str = "auto",
     mpp: float | None = None,
     magnifications: Sequence[Magnification | str | float] | None = None,
@@ -44,7 +45,7 @@ def describe_slide(
         entries: list[dict[str, Any]] = []
         try:
             for mag in mags:
-                ds = mag.downsample_for(reader.mpp, reader.path)
+                ds = mag.downsample_for(reader.mpp, str(reader.path))
                 level = reader.best_level(ds)
                 entries.append(
                     {
@@ -56,7 +57,7 @@ def describe_slide(
                     }
                 )
             if patch_size is not None:
-                grid = build_grid(reader.dimensions, reader.mpp, mags, patch_size, reader.path)
+                grid = build_grid(reader.dimensions, reader.mpp, mags, patch_size, str(reader.path))
                 for entry, g in zip(entries, grid.grids, strict=True):
                     entry["grid"] = (g.rows, g.cols)
                     entry["cells"] = g.n_cells

@@ -14,7 +14,9 @@ from loupe.slides.formats import BACKENDS, IMAGE_SUFFIXES, TIFF_SUFFIXES
 from loupe.slides.image_reader import ImageReader
 from loupe.slides.openslide_reader import OpenSlideReader, resolve_dicom_path
 from loupe.slides.reader import SlideReader
+from loupe.slides.remote import open_remote
 from loupe.slides.tiffslide_reader import TiffSlideReader
+from loupe.slides.urls import SlideURL, as_source
 
 __all__ = ["BACKENDS", "READERS", "check_header", "choose_backend", "open_slide"]
 
@@ -78,11 +80,13 @@ def check_header(reader: SlideReader) -> None:
         )
 
 
-def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None) -> SlideReader:
+def open_slide(path: str | Path | SlideURL, backend: str = "auto", mpp: float | None = None) -> SlideReader:
     """Open a slide for reading. ``mpp`` overrides (or supplies) the level-0 µm/px.
 
     'auto' picks OpenSlide or the image reader (see ``choose_backend``); 'tiffslide' must be asked for and needs
     the optional extra ``loupe[tiffslide]``. A header no real slide has is refused (:func:`check_header`).
+    ``path`` may be a URL (:mod:`loupe.slides.urls`): TIFF-family slides are then read over the network
+    (:mod:`loupe.slides.remote`, the optional extra ``loupe[remote]``).
     """
     reader = _open(path, backend, mpp)
     try:
@@ -93,9 +97,13 @@ def open_slide(path: str | Path, backend: str = "auto", mpp: float | None = None
     return reader
 
 
-def _open(path: str | Path, backend: str, mpp: float | None) -> SlideReader:
+def _open(path: str | Path | SlideURL, backend: str, mpp: float | None) -> SlideReader:
     if backend != "auto" and backend not in READERS:
         raise ConfigError(f"unknown slide backend {backend!r}: choose one of {', '.join(('auto', *READERS))}")
+    url = as_source(path)
+    if url is not None:
+        return open_remote(url, backend, mpp)
+    assert not isinstance(path, SlideURL)
     p = Path(os.path.expanduser(path))
     if not p.exists():
         raise SlideError(f"slide not found: {p} (check the path, or the path column of the manifest)")

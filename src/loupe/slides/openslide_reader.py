@@ -12,6 +12,7 @@ from loupe.errors import SlideError
 from loupe.slides.formats import DICOM_SUFFIXES
 from loupe.slides.pyramid import PyramidReader
 from loupe.slides.resample import DS_TOLERANCE
+from loupe.slides.urls import local_only
 
 
 def _float_property(props: dict[str, str], key: str) -> float | None:
@@ -40,7 +41,7 @@ class OpenSlideReader(PyramidReader):
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         super().__init__(path, mpp)
-        target = resolve_dicom_path(self.path)
+        target = resolve_dicom_path(local_only(self.path, "openslide"))
         try:
             self._slide = openslide.OpenSlide(str(target))
         except openslide.OpenSlideUnsupportedFormatError:

@@ -11,13 +11,14 @@ import numpy as np
 
 from loupe.errors import SlideError
 from loupe.slides.resample import DS_TOLERANCE
+from loupe.slides.urls import SlideURL
 
 
 class SlideReader(ABC):
     """A whole-slide image opened for reading; use as a context manager. Reads are thread-safe."""
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | SlideURL, mpp: float | None = None) -> None:
+        self.path: Path | SlideURL = path if isinstance(path, SlideURL) else Path(path)
         if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
             raise SlideError(f"slide {self.path}: the µm/px override must be a positive number, got {mpp!r}")
         self._mpp_override = None if mpp is None else float(mpp)

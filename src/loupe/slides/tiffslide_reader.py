@@ -14,11 +14,12 @@ import numpy as np
 from loupe.errors import ConfigError, SlideError
 from loupe.slides.pyramid import PyramidReader
 from loupe.slides.resample import to_rgb8, white
+from loupe.slides.urls import SlideURL
 
 INSTALL_HINT = "pip install 'loupe[tiffslide]'"
 
 
-def import_tiffslide(path: Path) -> ModuleType:
+def import_tiffslide(path: Path | SlideURL) -> ModuleType:
     """The tiffslide module, or a ConfigError naming the slide and the extra to install."""
     try:
         return importlib.import_module("tiffslide")
@@ -52,17 +53,19 @@ class TiffSlideReader(PyramidReader):
     cached tiffslide property is first computed in a reader thread; ``close`` is guarded by a lock.
     """
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path | SlideURL, mpp: float | None = None) -> None:
         super().__init__(path, mpp)
         tiffslide = import_tiffslide(self.path)
-        if self.path.is_dir():
+        if isinstance(self.path, Path) and self.path.is_dir():
             raise SlideError(
                 f"slide {self.path} is a folder: the tiffslide backend reads single TIFF-based files (SVS, "
                 "tiled TIFF, NDPI); for a DICOM series use backend='openslide'"
             )
         self._lock = threading.Lock()
         try:
-            self._slide = tiffslide.TiffSlide(str(self.path))
+            self._slide = self._open_tiffslide(tiffslide)
+        except SlideError:
+            raise
         except Exception as err:  # tifffile raises TiffFileError, ValueError, OSError... on bad input
             raise SlideError(
                 f"slide {self.path} could not be opened by tiffslide ({type(err).__name__}: {err}): it reads "
@@ -83,6 +86,17 @@ class TiffSlideReader(PyramidReader):
             self._slide.close()
             raise SlideError(f"slide {self.path}: tiffslide found no image levels; use backend='openslide'")
         self._props = {str(k): str(v) for k, v in props.items() if v is not None and not isinstance(v, dict)}
+
+    def _open_tiffslide(self, tiffslide: ModuleType) -> Any:
+        """The ``tiffslide.TiffSlide`` of this slide (the remote reader opens it over fsspec instead)."""
+        return tiffslide.TiffSlide(str(self.path))
+
+    def _read_failure(self, level: int, err: BaseException) -> SlideError:
+        """The SlideError of a failed read at ``level``."""
+        return SlideError(
+            f"slide {self.path}: reading level {level} with tiffslide failed ({type(err).__name__}: {err}); "
+            "the file is probably damaged, or try backend='openslide'"
+        )
 
     @property
     def file_mpp(self) -> float | None:
@@ -129,10 +143,7 @@ class TiffSlideReader(PyramidReader):
             arr = self._slide.read_region(location, level, (sx1 - sx0, sy1 - sy0), as_array=True, padding=False)
         except Exception as err:  # tifffile/imagecodecs/zarr errors on damaged tiles
             self._check_open()  # closed meanwhile by another thread: say so instead
-            raise SlideError(
-                f"slide {self.path}: reading level {level} with tiffslide failed ({type(err).__name__}: {err}); "
-                "the file is probably damaged, or try backend='openslide'"
-            ) from None
+            raise self._read_failure(level, err) from None
         rgb = to_rgb8(arr)
         if rgb.shape[:2] != (sy1 - sy0, sx1 - sx0):
             raise SlideError(

@@ -104,7 +104,7 @@ def run_demo(
     )
     result = DemoResult(metrics, planted, timings)
     write_json(out / "metrics.json", result.as_dict())
-    write_text(out / "report.md", _report(result, [Path(p).stem for p in picks]))
+    write_text(out / "report.md", _report(result, [p.stem for p in picks]))
     return result
 
 

@@ -57,6 +57,7 @@ from loupe.errors import (
 from loupe.models import InferenceSettings, SlideClassifier, resolve_inference
 from loupe.models.runtime import GPU_ACCELERATORS, Runtime
 from loupe.slides.cache import file_identity
+from loupe.slides.urls import SlideURL
 from loupe.workflows.claims import EXPIRY_S, Claims, Owner
 from loupe.workflows.common import load_run, magnifications_of, make_catalog, run_checkpoint
 from loupe.workflows.inference import make_pixels, predict_batch, runtime_of
@@ -91,13 +92,13 @@ class PredictionRun:
         return self.status.counts()
 
 
-def collect_records(slides: Sequence[str | Path], out: str | Path | None = None) -> list[SlideRecord]:
+def collect_records(slides: Sequence[str | Path | SlideURL], out: str | Path | None = None) -> list[SlideRecord]:
     """Slides from files, folders (searched recursively, leaving out the output folder ``out``) and manifest CSVs
     (labels optional), in order."""
     records: list[SlideRecord] = []
-    paths: list[str | Path] = []
+    paths: list[str | Path | SlideURL] = []
     for item in slides:
-        if str(item).lower().endswith((".csv", ".tsv")):
+        if not isinstance(item, SlideURL) and str(item).lower().endswith((".csv", ".tsv")):
             records += load_manifest(item, require_labels=False, check_files=False).records
         else:
             paths.append(item)
@@ -181,7 +182,7 @@ class PredictOptions:
     from. Frozen and picklable: ``workers=N`` hands it whole to each worker process."""
 
     run: Path
-    slides: tuple[str | Path, ...]
+    slides: tuple[str | Path | SlideURL, ...]
     out: Path
     inference: str | None = None
     samples: int | None = None
@@ -221,7 +222,7 @@ def _job(options: PredictOptions) -> _Job:
 
 def predict(
     run: str | Path,
-    slides: Sequence[str | Path],
+    slides: Sequence[str | Path | SlideURL],
     *,
     out: str | Path,
     inference: str | None = None,

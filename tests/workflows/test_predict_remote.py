@@ -1,0 +1,76 @@
+"""`loupe predict` on slides named by URL, served by a real nginx on 127.0.0.1: the same predictions as the local
+files, no credential in any output, a missing object failing only its slide."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from loupe.workflows.prediction import predict
+
+from ..helpers.nginx import Nginx, nginx_available
+
+pytestmark = [
+    pytest.mark.skipif(not nginx_available(), reason="nginx is not installed (.ci/run installs it)"),
+    pytest.mark.slow,
+]
+pytest.importorskip("aiohttp")
+
+SLIDES = ("cmu-1-small-region-pyramid.svs", "cmu-1-small-region-pyramid-generic.tif")
+SECRET = "hunter2"
+
+
+@pytest.fixture(scope="module")
+def tiffslide_run(trained_run, tmp_path_factory):
+    """The trained run, reading slides with tiffslide: the reader the URL path uses, so pixels are the same."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(trained_run, run)
+    config = run / "config.yaml"
+    text = config.read_text()
+    assert "backend: auto" in text
+    config.write_text(text.replace("backend: auto", "backend: tiffslide"))
+    return run
+
+
+def _probabilities(out):
+    with open(out / "predictions.csv", newline="") as f:
+        rows = {r["slide_id"]: r for r in csv.DictReader(f)}
+    return {
+        sid: (r["predicted"], np.array([float(v) for k, v in r.items() if k.startswith("prob_")], np.float32))
+        for sid, r in rows.items()
+    }
+
+
+def test_predictions_from_urls_equal_the_local_files(tiffslide_run, slides_dir, tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    for name in SLIDES:
+        shutil.copy(slides_dir / name, root / name)
+    with Nginx(root, tmp_path / "nginx") as server:
+        base = f"http://reader:{SECRET}@127.0.0.1:{server.port}"
+        urls = [f"{base}/{name}" for name in SLIDES] + [f"{base}/missing.svs"]
+        remote = predict(tiffslide_run, urls, out=tmp_path / "remote", workers=0, tissue=True)
+        predict(tiffslide_run, [slides_dir / n for n in SLIDES], out=tmp_path / "local", workers=0, tissue=True)
+        again = predict(tiffslide_run, urls, out=tmp_path / "remote", workers=0, tissue=True)  # resumes: nothing to do
+    statuses = {sid: e["status"] for sid, e in remote.status.slides.items()}
+    assert statuses == {
+        "cmu-1-small-region-pyramid": "done",
+        "cmu-1-small-region-pyramid-generic": "done",
+        "missing": "failed",
+    }
+    reason = remote.status.slides["missing"]["reason"]
+    assert "404" in reason and "/missing.svs" in reason
+    got, want = _probabilities(tmp_path / "remote"), _probabilities(tmp_path / "local")
+    for sid, (cls, probs) in want.items():
+        assert got[sid][0] == cls
+        np.testing.assert_allclose(got[sid][1], probs, atol=1e-6, rtol=0)
+    assert again.processed == []
+    for path in (tmp_path / "remote").rglob("*"):  # status, summaries, per-slide JSON and GeoJSON, logs
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    shown = json.loads((tmp_path / "remote" / "slides" / SLIDES[0][:-4] / "prediction.json").read_text())["path"]
+    assert shown == f"http://***@127.0.0.1:{server.port}/{SLIDES[0]}"
