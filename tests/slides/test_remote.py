@@ -114,3 +114,29 @@ def test_manifests_take_urls_and_write_them_redacted(tmp_path):
     assert manifest.records[0].path.url == "https://u:pw@h.org/c/TCGA-1.svs"
     written = save_manifest(manifest, tmp_path / "copy.csv").read_text()
     assert "pw" not in written and "https://***@h.org/c/TCGA-1.svs" in written and "s3://bucket/c/TCGA-2.tif" in written
+
+
+def test_a_server_that_stalls_fails_the_slide_after_the_timeout(monkeypatch):
+    """A listening socket that never answers: the read gives up after $LOUPE_REMOTE_TIMEOUT, never hangs."""
+    import socket
+    import time
+
+    monkeypatch.setenv("LOUPE_REMOTE_TIMEOUT", "0.5")
+    forget_identities()
+    with socket.socket() as stall:
+        stall.bind(("127.0.0.1", 0))
+        stall.listen(8)  # connections are queued by the kernel, never accepted nor answered
+        port = stall.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(SlideError, match=rf"127\.0\.0\.1:{port}/a\.svs: the server did not answer within 0.5 s"):
+            open_slide(f"http://u:pw@127.0.0.1:{port}/a.svs")
+        assert time.monotonic() - start < 10
+
+
+def test_a_server_error_fails_the_slide_naming_the_url_and_status(slides_dir, tmp_path):
+    extra = "location /broken/ { return 500; } location /denied/ { return 403; }"
+    with Nginx(tmp_path, tmp_path / "nginx", extra=extra) as server:
+        for where, status in (("broken", "500"), ("denied", "403")):
+            with pytest.raises(SlideError) as info:
+                open_slide(f"http://u:pw@127.0.0.1:{server.port}/{where}/a.svs")
+            assert status in str(info.value) and f"/{where}/a.svs" in str(info.value) and "pw" not in str(info.value)

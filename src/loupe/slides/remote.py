@@ -94,11 +94,30 @@ def _fs_path(url: SlideURL) -> str:
     return url.url.split("://", 1)[1]
 
 
+def _cause(err: BaseException) -> BaseException:
+    """The innermost cause: fsspec's HTTP filesystem reports every failed HEAD/GET as FileNotFoundError."""
+    seen = err
+    while seen.__cause__ is not None and seen.__cause__ is not seen:
+        seen = seen.__cause__
+    return seen
+
+
 def _failure(url: SlideURL, err: BaseException) -> SlideError:
-    """A SlideError naming the redacted URL and what went wrong (the library's message redacted too)."""
-    what = redact_text(f"{type(err).__name__}: {err}".strip())
-    if isinstance(err, FileNotFoundError):
-        return SlideError(f"slide {url} not found on the server (404): check the URL, or the path column")
+    """A SlideError naming the redacted URL and what went wrong: the HTTP status, a timeout, or the library's
+    message (redacted too)."""
+    cause = _cause(err)
+    status = getattr(cause, "status", None) or getattr(cause, "code", None)
+    if status == 404 or (isinstance(err, FileNotFoundError) and cause is err):
+        return SlideError(f"slide {url} not found on the server (HTTP 404): check the URL, or the path column")
+    if isinstance(status, int):
+        hint = "check the credentials and the access rights" if status in (401, 403) else "check the server"
+        return SlideError(f"slide {url}: the server answered HTTP {status}: {hint}")
+    if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
+        return SlideError(
+            f"slide {url}: the server did not answer within {timeout_s():g} s (timeout; $LOUPE_REMOTE_TIMEOUT "
+            "sets it): check the server, or raise the timeout"
+        )
+    what = redact_text(f"{type(cause).__name__}: {cause}".strip())
     return SlideError(f"slide {url} could not be read over the network ({what}): check the URL and the server")
 
 
