@@ -147,6 +147,13 @@ class SlideOutput:
     regulariser: Tensor | None = None  # (B,) Σ P log P of the attention, where the architecture has that term
     draw_logits: Tensor | None = None  # (R, B, C) per independent draw, when a training step made several
     auxiliary: Tensor | None = None  # (B,) a training-only term the model adds to its loss
+    spread: Tensor | None = None
+    """(B, C) at inference: the standard deviation (population, over the R draws) of the class probabilities each
+    inference draw gives on its own, the Monte-Carlo spread of the prediction; None where the prediction is one
+    deterministic value (exhaustive, topk, a single draw, gated MIL, StreamingCLAM): a spread of 0."""
+    patches_read: Tensor | None = None
+    """(B,) int64 the distinct patches (or positions) read per slide, where ``cells`` does not say it (None: the
+    number of distinct entries of each row of ``cells``)."""
 
 
 class SlideClassifier(nn.Module, ABC):

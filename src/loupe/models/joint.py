@@ -303,11 +303,23 @@ class JointAttentionSampler(SlideClassifier):
             auxiliary = self.novelty * novelty_loss(probs.gather(1, cells), torch.cat(feats, dim=1), groups)
         if mode == "mean" or repeats == 1:
             logits = self.classifier(torch.stack(estimates).mean(0))
-            return SlideOutput(logits, probs, cells, regulariser=regulariser, auxiliary=auxiliary)
+            spread = None
+            if not self.training and repeats > 1:  # each draw classified on its own: the prediction's spread
+                spread = draw_spread(self.classifier(torch.stack(estimates)))
+            return SlideOutput(logits, probs, cells, regulariser=regulariser, auxiliary=auxiliary, spread=spread)
         draw_logits = self.classifier(torch.stack(estimates))  # (R, B, C)
         return SlideOutput(
             draw_logits.mean(0), probs, cells, regulariser=regulariser, draw_logits=draw_logits, auxiliary=auxiliary
         )
+
+
+def draw_spread(draw_logits: Tensor) -> Tensor:
+    """(B, C) the population standard deviation over draws of the class probabilities of per-draw logits
+    (R, B, C), in float32. Computed about the first draw (shifted data), so that identical draws give exactly 0
+    (a mean over draws rounds: ``x - mean(x)`` of equal values need not be 0)."""
+    d = torch.softmax(draw_logits.float(), -1)
+    d = d - d[:1]
+    return ((d * d).mean(0) - d.mean(0).square()).clamp_min(0.0).sqrt()
 
 
 def _identity_linear(d: int) -> nn.Linear:

@@ -233,12 +233,13 @@ class StreamingCLAM(SlideClassifier):
         k = inference.k if inference is not None and inference.k > 0 else self.k
         valid = batch.valid.cpu().numpy()
         rows, cols = batch.shapes[0]
-        logits, attention, cells, losses = [], [], [], []
+        logits, attention, cells, losses, read = [], [], [], [], []
         for b, i in enumerate(batch.slides):
             whole = pixels.whole(i, valid[b])
             image = whole.image.to(device) if isinstance(whole.image, Tensor) else whole.image  # read per tile
             out = self.classify_image(image, whole.keep.to(device))
             logits.append(out.logits)
+            read.append(int(whole.keep.sum()))  # every tissue position is streamed
             full = out.attention.new_zeros((rows, cols))
             r0, c0, r1, c1 = whole.box
             full[r0:r1, c0:c1] = out.attention
@@ -251,6 +252,7 @@ class StreamingCLAM(SlideClassifier):
         n = max((len(c) for c in cells), default=0)
         padded = [torch.cat([c, c[:1].expand(n - len(c))]) if len(c) else c.new_zeros(n) for c in cells]
         result = SlideOutput(torch.cat(logits), torch.stack(attention), torch.stack(padded))
+        result.patches_read = torch.tensor(read, dtype=torch.long)
         if labels is not None:
             result.loss = torch.stack(losses)
         return result

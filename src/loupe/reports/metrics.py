@@ -15,7 +15,18 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from loupe.errors import LoupeError
 
-__all__ = ["attention_share", "classification_metrics", "mean_entropy"]
+__all__ = [
+    "CALIBRATION_BINS",
+    "attention_share",
+    "calibration",
+    "classification_metrics",
+    "mean_entropy",
+    "predictive_entropy",
+    "reliability_bins",
+]
+
+#: Equal-width bins of the top-class confidence over [0, 1] in the expected calibration error.
+CALIBRATION_BINS = 10
 
 
 def _check_inputs(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -161,3 +172,60 @@ def mean_entropy(probs_per_image: Sequence[np.ndarray]) -> float:
     if not entropies:
         raise LoupeError("mean_entropy needs at least one image")
     return float(np.mean(entropies))
+
+
+def predictive_entropy(probs: np.ndarray) -> float:
+    """−Σ p log p in nats of one class distribution (0·log 0 counts as 0)."""
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum()) + 0.0  # never -0.0
+
+
+def reliability_bins(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], bins: int = CALIBRATION_BINS
+) -> list[dict[str, float | int | None]]:
+    """The top-class confidence (max probability) of each image in ``bins`` equal-width bins over [0, 1] (bin b is
+    [b/bins, (b+1)/bins), the last one closed): per bin its edges, count, mean confidence and accuracy (the
+    fraction whose top class is the true one; None in an empty bin)."""
+    if bins < 1:
+        raise LoupeError(f"calibration needs at least 1 bin, got {bins}")
+    y, p = _check_inputs(y_true, probs, [str(c) for c in class_names])
+    confidence = p.max(axis=1) if p.size else np.zeros(0)
+    correct = (p.argmax(axis=1) == y) if p.size else np.zeros(0, dtype=bool)
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    out: list[dict[str, float | int | None]] = []
+    for b in range(bins):
+        member = which == b
+        n = int(member.sum())
+        out.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": n,
+                "confidence": float(confidence[member].mean()) if n else None,
+                "accuracy": float(correct[member].mean()) if n else None,
+            }
+        )
+    return out
+
+
+def calibration(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], bins: int = CALIBRATION_BINS
+) -> dict[str, object]:
+    """The expected calibration error of the top-class confidence, with its bins (:func:`reliability_bins`).
+
+    ECE = Σ_b (n_b / n) · |accuracy_b − confidence_b| over ``bins`` equal-width bins of the top-class confidence
+    (10 by default, as Guo et al. 2017); None for an empty split.
+    """
+    table = reliability_bins(y_true, probs, class_names, bins)
+    n = sum(int(b["count"] or 0) for b in table)
+    ece = None
+    if n:
+        ece = float(
+            sum(
+                int(b["count"] or 0) / n * abs(float(b["accuracy"] or 0.0) - float(b["confidence"] or 0.0))
+                for b in table
+                if b["count"]
+            )
+        )
+    return {"ece": ece, "bins": bins, "binning": "equal-width bins of the top-class confidence", "table": table}

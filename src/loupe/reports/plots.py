@@ -1,4 +1,4 @@
-"""ROC, precision–recall and confusion-matrix PNGs for ``loupe evaluate``.
+"""ROC, precision–recall, reliability and confusion-matrix PNGs for ``loupe evaluate``.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (Agg rendering, no pyplot state, nothing left open)
 and written atomically through :mod:`loupe.reports.io`.
@@ -17,9 +17,9 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from loupe.errors import LoupeError
 from loupe.reports.io import write_bytes
-from loupe.reports.metrics import _binary_ap, _binary_auc, _check_inputs
+from loupe.reports.metrics import CALIBRATION_BINS, _binary_ap, _binary_auc, _check_inputs, calibration
 
-__all__ = ["plot_confusion", "plot_pr", "plot_roc", "save_figure"]
+__all__ = ["plot_confusion", "plot_pr", "plot_reliability", "plot_roc", "save_figure"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
@@ -96,6 +96,42 @@ def plot_pr(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], p
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall", ylabel="Precision")
     ax.set_title("Precision–recall (one-vs-rest)")
     ax.legend(loc="lower left", fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_reliability(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    bins: int = CALIBRATION_BINS,
+) -> Path:
+    """Reliability diagram: accuracy against top-class confidence in equal-width bins (bars; the diagonal is a
+    calibrated model), each bin's count above its bar, the gap to its mean confidence hatched (above the bar:
+    over-confident, inside it: under-confident), the ECE in the title."""
+    result = calibration(y_true, probs, class_names, bins)
+    table = result["table"]
+    assert isinstance(table, list)
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle=":", color="black", linewidth=1, label="calibrated", zorder=4)
+    width = 1.0 / bins
+    first = True
+    for b in table:
+        if not b["count"]:
+            continue
+        low, accuracy, confidence = float(b["low"]), float(b["accuracy"]), float(b["confidence"])
+        ax.bar(low, accuracy, width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.6,
+               label="accuracy" if first else None)  # fmt: skip
+        ax.bar(low, confidence - accuracy, bottom=accuracy, width=width, align="edge", fill=False, hatch="///",
+               edgecolor="tab:red", linewidth=1.0, zorder=3,
+               label="gap to mean confidence" if first else None)  # fmt: skip
+        ax.text(low + width / 2, max(accuracy, confidence) + 0.01, str(b["count"]), ha="center", va="bottom",
+                fontsize="x-small")  # fmt: skip
+        first = False
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="Confidence (top-class probability)", ylabel="Accuracy")
+    ax.set_title(f"Reliability ({bins} equal-width bins): ECE = {_fmt(result['ece'])}")  # type: ignore[arg-type]
+    ax.legend(loc="upper left", fontsize="small")
     return save_figure(fig, path)
 
 

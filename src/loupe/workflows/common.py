@@ -124,14 +124,36 @@ def load_run(
 
 
 def prediction_row(
-    fields: dict[str, Any], probs: np.ndarray, totals: np.ndarray, classes: list[str], labels: list[str]
+    fields: dict[str, Any],
+    probs: np.ndarray,
+    totals: np.ndarray,
+    classes: list[str],
+    labels: list[str],
+    uncertainty: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One predictions.csv row: the given fields, predicted class, class probabilities, attention per magnification."""
+    """One predictions.csv row: the given fields, predicted class, class probabilities, attention per magnification,
+    then the prediction's spread and cost (``uncertainty``: ``probability_std`` by class, ``entropy``,
+    ``patches_read``, as :func:`loupe.workflows.slide_outputs.uncertainty` gives them)."""
     row = dict(fields) | {"predicted": classes[int(probs.argmax())]}
     row |= {f"prob_{c}": float(probs[j]) for j, c in enumerate(classes)}
-    return row | {f"attention_{lab}": float(totals[j]) for j, lab in enumerate(labels)}
+    row |= {f"attention_{lab}": float(totals[j]) for j, lab in enumerate(labels)}
+    if uncertainty is not None:
+        row |= {f"std_{c}": uncertainty["probability_std"].get(c) for c in classes}
+        row |= {"entropy": uncertainty["entropy"], "patches_read": uncertainty["patches_read"]}
+    return row
 
 
 def prediction_columns(fields: list[str], classes: list[str], labels: list[str]) -> list[str]:
-    """The column order of predictions.csv, matching :func:`prediction_row`."""
-    return [*fields, "predicted", *(f"prob_{c}" for c in classes), *(f"attention_{m}" for m in labels)]
+    """The column order of predictions.csv, matching :func:`prediction_row`: the uncertainty columns come last
+    (``std_<class>``: standard deviation of the class probability over the inference draws, 0 for deterministic
+    modes; ``entropy``: predictive entropy in nats; ``patches_read``), so that older readers see the same first
+    columns."""
+    return [
+        *fields,
+        "predicted",
+        *(f"prob_{c}" for c in classes),
+        *(f"attention_{m}" for m in labels),
+        *(f"std_{c}" for c in classes),
+        "entropy",
+        "patches_read",
+    ]

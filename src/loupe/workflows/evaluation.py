@@ -15,14 +15,17 @@ from loupe.errors import ConfigError, prepare_output_folder
 from loupe.models import resolve_inference
 from loupe.reports import (
     attention_share,
+    calibration,
     classification_metrics,
     mean_entropy,
     plot_confusion,
     plot_pr,
+    plot_reliability,
     plot_roc,
     write_csv,
     write_json,
 )
+from loupe.reports.metrics import CALIBRATION_BINS
 from loupe.workflows.common import (
     RunPaths,
     load_run,
@@ -31,7 +34,7 @@ from loupe.workflows.common import (
     prediction_columns,
     prediction_row,
 )
-from loupe.workflows.inference import infer
+from loupe.workflows.inference import SlidePrediction, infer
 
 #: A class's figures in :attr:`Evaluation.per_class`: precision, recall, support, auc_roc, ap (None: undefined).
 ClassFigures = dict[str, float | int | None]
@@ -61,6 +64,18 @@ class Evaluation:
     inference: dict[str, object]
     """The inference settings used: mode, samples, k."""
     checkpoint: str
+    ece: float | None = None
+    """Expected calibration error of the top-class confidence (:data:`calibration_bins` equal-width bins over
+    [0, 1]); None on an empty split (and in a metrics.json written before it existed)."""
+    calibration_bins: int = CALIBRATION_BINS
+    reliability: list[dict[str, float | int | None]] = dataclasses.field(default_factory=list)
+    """Per confidence bin: edges, count, mean confidence, accuracy (``reliability.png`` draws it)."""
+    mean_probability_std: float | None = None
+    """Mean over slides of the top class's probability standard deviation over the inference draws (0 for a
+    deterministic mode)."""
+    mean_predictive_entropy: float | None = None
+    """Mean over slides of the predictive entropy of the class probabilities (nats)."""
+    mean_patches_read: float | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Evaluation:
@@ -86,7 +101,9 @@ def evaluate(
     inference: str | None = None,
     samples: int | None = None,
 ) -> Evaluation:
-    """Evaluate a trained run on one split; write metrics.json, predictions.csv and ROC/PR/confusion PNGs.
+    """Evaluate a trained run on one split; write metrics.json (with the expected calibration error over 10
+    equal-width bins of the top-class confidence), predictions.csv (with each slide's spread over the inference
+    draws) and ROC/PR/reliability/confusion PNGs.
 
     ``inference`` (sample / mean / topk / exhaustive) and ``samples`` default to the run's settings; the mode
     used is recorded in the metrics.
@@ -113,6 +130,9 @@ def evaluate(
     labels = [m.label for m in magnifications_of(cfg)]
     probs = np.stack([p.probs for p in result]) if result else np.zeros((0, len(classes)))
     totals = np.stack([p.totals() for p in result]) if result else np.zeros((0, len(labels)))
+    calib = calibration(y_true, probs, classes)
+    spreads = [_uncertainty(p, classes) for p in result]
+    top_std = [float(p.spread[int(np.argmax(p.probs))]) for p in result]
     metrics = Evaluation(
         **classification_metrics(y_true, probs, classes),
         split=split,
@@ -120,16 +140,33 @@ def evaluate(
         mean_entropy=mean_entropy([p.attention for p in result]),
         inference=settings.record(),
         checkpoint=str(ckpt),
+        ece=calib["ece"],  # type: ignore[arg-type]
+        calibration_bins=CALIBRATION_BINS,
+        reliability=calib["table"],  # type: ignore[arg-type]
+        mean_probability_std=float(np.mean(top_std)) if result else None,
+        mean_predictive_entropy=float(np.mean([s["entropy"] for s in spreads])) if result else None,
+        mean_patches_read=float(np.mean([p.patches_read for p in result])) if result else None,
     )
     write_json(out_dir / "metrics.json", metrics.as_dict())
 
     rows = [
-        prediction_row({"slide_id": r.slide_id, "label": r.label}, probs[n], totals[n], classes, labels)
+        prediction_row({"slide_id": r.slide_id, "label": r.label}, probs[n], totals[n], classes, labels, spreads[n])
         for n, r in enumerate(records)
     ]
     write_csv(out_dir / "predictions.csv", rows, prediction_columns(["slide_id", "label"], classes, labels))
     if len(np.unique(y_true)) > 1:
         plot_roc(y_true, probs, classes, out_dir / "roc.png")
         plot_pr(y_true, probs, classes, out_dir / "pr.png")
+    if result:
+        plot_reliability(y_true, probs, classes, out_dir / "reliability.png")
     plot_confusion(np.asarray(metrics.confusion_matrix), classes, out_dir / "confusion.png")
     return metrics
+
+
+def _uncertainty(prediction: SlidePrediction, classes: list[str]) -> dict[str, Any]:
+    """A prediction's spread and cost in the form predictions.csv rows take (as in ``prediction.json``)."""
+    return {
+        "probability_std": {c: float(v) for c, v in zip(classes, prediction.spread, strict=True)},
+        "entropy": prediction.entropy,
+        "patches_read": prediction.patches_read,
+    }

@@ -27,17 +27,36 @@ from loupe.models.interface import (
     split_by_magnification,
 )
 from loupe.models.runtime import Runtime
+from loupe.reports.metrics import predictive_entropy
 
 
 @dataclass(frozen=True)
 class SlidePrediction:
-    """One slide's result: class probabilities, attention over every cell, the cells read, its grid shapes."""
+    """One slide's result: class probabilities, attention over every cell, the cells read, its grid shapes, and
+    the prediction's Monte-Carlo spread over the inference draws.
+
+    ``std`` is the standard deviation of the class probabilities over the draws (each draw classified on its
+    own); it is 0 for a prediction that is one deterministic value (exhaustive, topk, a single draw, gated MIL,
+    StreamingCLAM). ``patches_read`` counts the distinct patches (positions) read."""
 
     index: int  # catalog index
     probs: np.ndarray  # (C,)
     attention: np.ndarray  # (N,) flat over every cell of every magnification
     cells: np.ndarray  # (n,) flat indices of the cells read (or most attended)
     shapes: GridShapes
+    std: np.ndarray | None = None  # (C,); None: 0
+    patches_read: int = 0
+
+    @property
+    def spread(self) -> np.ndarray:
+        """(C,) the standard deviation of the class probabilities over the inference draws (0 when deterministic)."""
+        return np.zeros_like(self.probs) if self.std is None else self.std
+
+    @property
+    def entropy(self) -> float:
+        """The predictive entropy −Σ p log p (nats) of the prediction's class probabilities (with ``mean``: the
+        classifier of the draws' averaged estimate, the Monte-Carlo mean), 0·log 0 = 0."""
+        return predictive_entropy(self.probs)
 
     def maps(self) -> list[np.ndarray]:
         """The attention as one (rows, cols) map per magnification."""
@@ -75,7 +94,17 @@ def predict_batch(
     probs = torch.softmax(out.logits.float(), -1).cpu().numpy()
     attention = out.attention.float().cpu().numpy()
     cells = out.cells.cpu().numpy()
-    return [SlidePrediction(i, probs[b], attention[b], cells[b], batch.shapes) for b, i in enumerate(batch.slides)]
+    spread = None if out.spread is None else out.spread.float().cpu().numpy()
+    if out.patches_read is not None:
+        read = [int(n) for n in out.patches_read.tolist()]
+    else:
+        read = [len(np.unique(row)) for row in cells]
+    return [
+        SlidePrediction(
+            i, probs[b], attention[b], cells[b], batch.shapes, None if spread is None else spread[b], read[b]
+        )
+        for b, i in enumerate(batch.slides)
+    ]
 
 
 def infer(

@@ -527,4 +527,7 @@ def _run_model(
         tissue=prepared.tissue,
         timings=timings,
         mpp=catalog.header(i).mpp,
+        std=pred.spread,
+        entropy=pred.entropy,
+        patches_read=pred.patches_read,
     )

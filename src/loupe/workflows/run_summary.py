@@ -74,6 +74,9 @@ def _write_tables(
             row["label"] = rec.label or ""
         row |= {f"prob_{c}": info["probabilities"].get(c) for c in classes}
         row |= {f"attention_{m}": info["attention_share"].get(m) for m in labels}
+        # Slide folders written before these fields existed leave their cells empty.
+        row |= {f"std_{c}": (info.get("probability_std") or {}).get(c) for c in classes}
+        row |= {"entropy": info.get("entropy"), "patches_read": info.get("patches_read")}
         rows.append(row)
         t = outcome.entry.get("timings_s") or {}
         timing_rows.append({"slide_id": rec.slide_id, **t, "total": round(sum(t.values()), 4)})

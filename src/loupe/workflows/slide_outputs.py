@@ -3,7 +3,9 @@
 A slide folder holds:
 
 - ``prediction.json``: predicted class, class probabilities, attention share per magnification, the cells read,
-  the inference settings and the per-step wall times;
+  the inference settings and the per-step wall times; the prediction's Monte-Carlo spread over the inference draws
+  (``probability_std``: standard deviation of each class probability over the draws, 0 for deterministic modes;
+  ``entropy``: predictive entropy of the probabilities, nats) and ``patches_read`` (distinct patches read);
 - ``attention.npz``: one attention map per magnification (rows × cols, by label), the valid-cell maps
   (``valid_<label>``), the flat indices of the cells read (``cells``) and, when tissue detection is on, the tissue
   mask on the overview (``tissue_mask``, rows × cols of the overview, True on tissue);
@@ -32,6 +34,7 @@ from PIL import Image
 from loupe.models.interface import split_by_magnification
 from loupe.reports import attention_overlay, heatmap_image, save_attention_npz, save_png, write_json
 from loupe.reports.geojson import write_attention_geojson
+from loupe.reports.metrics import predictive_entropy
 from loupe.slides import SlideGrid
 
 PREDICTION_FILE = "prediction.json"
@@ -56,6 +59,9 @@ class SlideResult:
     tissue: np.ndarray | None  # (H, W) bool on the overview, or None when detection is off
     timings: dict[str, float] = field(default_factory=dict)
     mpp: float | None = None
+    std: np.ndarray | None = None  # (C,) std of the class probabilities over the inference draws; None: 0
+    entropy: float | None = None  # predictive entropy of ``probs`` (nats); None: computed from them
+    patches_read: int | None = None  # distinct patches read; None: distinct entries of ``cells``
 
     def maps(self, values: np.ndarray | None = None) -> list[np.ndarray]:
         """A flat per-cell array (default: the attention) as one (rows, cols) map per magnification."""
@@ -83,6 +89,21 @@ def summary(result: SlideResult, classes: list[str], labels: list[str], settings
         "mpp": result.mpp,
         "settings": settings,
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        **uncertainty(result, classes),
+    }
+
+
+def uncertainty(result: SlideResult, classes: list[str]) -> dict[str, Any]:
+    """The prediction's Monte-Carlo spread and cost: ``probability_std`` (by class: the standard deviation of the
+    class probability over the inference draws, 0 for a deterministic mode), ``entropy`` (predictive entropy of
+    the probabilities, nats) and ``patches_read``."""
+    std = np.zeros(len(classes)) if result.std is None else np.asarray(result.std, dtype=np.float64)
+    entropy = result.entropy if result.entropy is not None else predictive_entropy(result.probs)
+    read = result.patches_read if result.patches_read is not None else len(np.unique(np.asarray(result.cells)))
+    return {
+        "probability_std": {c: float(v) for c, v in zip(classes, std, strict=True)},
+        "entropy": float(entropy),
+        "patches_read": int(read),
     }
 
 
