@@ -86,12 +86,28 @@ def test_many_small_chunks_are_merged_without_losing_any(catalog, tmp_path: Path
     monkeypatch.setattr(embeddings_module, "MAX_CHUNKS", 3)
     cache = EmbeddingCache(catalog, "k1", tmp_path)
     enc = Encoder()
-    for c in range(8):
+    for c in range(5, 13):  # eight cells of the 0.5 µm/px grid (flat 5..20): one folder
         cache.features([0], torch.tensor([[c]]), enc.for_batch([0]))
-    assert len(list(cache.folder(0).glob("chunk-*.npz"))) <= 3
+    assert len(list(cache.folder(0, 2).glob("chunk-*.npz"))) <= 3
     fresh = Encoder()
-    out = EmbeddingCache(catalog, "k1", tmp_path).features([0], torch.arange(8)[None], fresh.for_batch([0]))
-    assert fresh.asked == [] and torch.equal(out, fresh.value(0, torch.arange(8))[None])
+    cells = torch.arange(5, 13)[None]
+    out = EmbeddingCache(catalog, "k1", tmp_path).features([0], cells, fresh.for_batch([0]))
+    assert fresh.asked == [] and torch.equal(out, fresh.value(0, cells[0])[None])
+
+
+def test_a_catalog_of_one_magnification_reuses_the_cells_another_catalog_embedded(catalog, tmp_path: Path):
+    """Cells are stored per magnification: a single-magnification model (or gated MIL) reads what the joint
+    model's catalog embedded, whatever the other magnifications."""
+    enc = Encoder()
+    EmbeddingCache(catalog, "k1", tmp_path).features([1], torch.tensor([[0, 2, 5, 9, 20]]), enc.for_batch([1]))
+    single = SlideCatalog(catalog.records, MAGS[2:], SPEC.patch_size)  # 0.5 µm/px alone: cells 0..15
+    again = Encoder()
+    out = EmbeddingCache(single, "k1", tmp_path).features([1], torch.tensor([[0, 4, 15]]), again.for_batch([1]))
+    assert again.asked == []
+    assert torch.equal(out, enc.value(1, torch.tensor([5, 9, 20]))[None])  # flat 5, 9, 20 of the joint grid
+    some = Encoder()
+    EmbeddingCache(single, "k1", tmp_path).features([1], torch.tensor([[1, 4]]), some.for_batch([1]))
+    assert some.asked[0].tolist() == [[1]]  # only the new cell
 
 
 def test_an_unwritable_cache_warns_once_and_still_gives_the_right_values(catalog, tmp_path: Path, caplog):
@@ -149,7 +165,8 @@ def test_a_frozen_encoder_embeds_fewer_new_cells_each_epoch_and_evaluate_reuses_
     files_before = sorted(p.name for p in (tmp_path / "cache" / "embeddings").rglob("chunk-*.npz"))
     evaluate(run, split="val", out=tmp_path / "eval")  # val cells were embedded in validation: reused
     files_after = sorted(p.name for p in (tmp_path / "cache" / "embeddings").rglob("chunk-*.npz"))
-    assert len(files_after) <= len(files_before) + 4  # at most a few new cells per val slide (mean mode draws)
+    # At most a few new cells per val slide (mean mode draws): one chunk per slide and magnification they fall in.
+    assert len(files_after) <= len(files_before) + 4 * 3
     assert np.isfinite(later["fraction_embedded"])
 
 

@@ -48,6 +48,10 @@ BENCH_COMMANDS: dict[str, BenchCommand] = {
         "loupe.bench.command",
         "the paper's speed tables and a profile (the default; --accuracy: joint vs baselines on the same splits)",
     ),
+    "accuracy": BenchCommand(
+        "loupe.bench.cohort",
+        "any cohort: k-fold CV of joint, single magnifications, all patches, gated MIL; patches read, time",
+    ),
     "wsi": BenchCommand("loupe.bench.wsi", "whole-slide cost of loupe against patch-everything"),
     "streaming": BenchCommand("loupe.bench.streaming", "the streaming engine: memory, time, exact gradients"),
     "sparse": BenchCommand("loupe.bench.sparse", "learning when the evidence is under 1% of the image, across seeds"),

@@ -5,8 +5,11 @@ Keys. An embedding depends on the slide file (path, size, mtime), how a cell is 
 size, µm/px, backend) and the encoder's exact weights: the encoder key is a hash of the frozen network's state (its
 class and every tensor's bytes), so a changed encoder, weights file or seed never reads a stale embedding.
 
-Layout. ``ROOT/<encoder key>/<slide key>/chunk-<uuid>.npz`` holds (cells, features) written atomically; many
-processes can add chunks to one folder at once without locks. When a slide has many chunks, a process merges the
+Layout. ``ROOT/<encoder key>/<slide key>/chunk-<uuid>.npz`` holds (cells, features) written atomically, one folder
+per slide and magnification with the cells numbered within that magnification's grid: a cell's embedding does not
+depend on which other magnifications a model reads, so the joint model, each single magnification and gated MIL at
+one of them share it (a cross-validation embeds each cell once for every method). Many processes can add chunks to
+one folder at once without locks. When a slide has many chunks, a process merges the
 ones it sees into one and removes them (a reader that misses a removed chunk re-lists the folder).
 """
 
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from loupe.atomic import atomic_write
 from loupe.data.catalog import SlideCatalog
 from loupe.slides.cache import cache_key, default_cache_dir, read_npz
+from loupe.slides.magnification import parse_magnification
 
 log = logging.getLogger("loupe")
 
@@ -63,17 +67,20 @@ class EmbeddingCache:
         self.key = key
         self.root = (Path(root).expanduser() if root else default_cache_dir() / "embeddings") / key
         self.enabled = True
-        self._memory: OrderedDict[int, _Slide] = OrderedDict()
+        self._memory: OrderedDict[tuple[int, int], _Slide] = OrderedDict()
         self.embedded = 0
         """Cells embedded (not found in the cache) by this process."""
         self.reused = 0
         """Cells whose embedding came from the cache in this process."""
 
-    def folder(self, i: int) -> Path:
-        """Slide i's folder: keyed by its file and how its cells are cut."""
+    def folder(self, i: int, j: int) -> Path:
+        """The folder of slide i's cells at magnification j: keyed by its file and how those cells are cut."""
         cat = self.catalog
+        m = cat.magnifications[j]
+        if isinstance(m, str | float | int):  # a bare spec, as tests give it
+            m = parse_magnification(m)
         params = {
-            "magnifications": [str(m) for m in cat.magnifications],
+            "magnification": {"mpp": m.mpp, "downsample": m.downsample},  # not its label: 20x is 20x by any name
             "cell_size": cat.patch_size,
             "mpp": cat.mpp_of(i),
             "backend": cat.backend,
@@ -81,8 +88,15 @@ class EmbeddingCache:
         return self.root / cache_key("embeddings", cat.records[i].path, params)
 
     # --- reading ----------------------------------------------------------------------------------------------
-    def _load(self, i: int) -> _Slide:
-        folder = self.folder(i)
+    def _split(self, i: int, cells: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Flat cells of slide i as (magnification j, positions in ``cells``, cells within j's grid) per j."""
+        grid = self.catalog.grid(i)
+        starts = np.asarray(grid.offsets, dtype=np.int64)
+        mag = np.searchsorted(starts, cells, side="right") - 1
+        return [(int(j), np.flatnonzero(mag == j), cells[mag == j] - starts[j]) for j in np.unique(mag)]
+
+    def _load(self, i: int, j: int) -> _Slide:
+        folder = self.folder(i, j)
         for _ in range(3):  # a chunk merged away by another process between listing and reading: list again
             files = sorted(folder.glob("chunk-*.npz")) if folder.is_dir() else []
             try:
@@ -94,44 +108,56 @@ class EmbeddingCache:
             return _merge(cells, feats, frozenset(f.name for f in files))
         return _merge([], [], frozenset())
 
-    def _slide(self, i: int) -> _Slide:
-        found = self._memory.get(i)
+    def _slide(self, i: int, j: int) -> _Slide:
+        found = self._memory.get((i, j))
         if found is None:
-            found = self._load(i)
-            self._memory[i] = found
+            found = self._load(i, j)
+            self._memory[(i, j)] = found
             while len(self._memory) > MEMORY_SLIDES:
                 self._memory.popitem(last=False)
-        self._memory.move_to_end(i)
+        self._memory.move_to_end((i, j))
         return found
 
     def lookup(self, i: int, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found (n,) bool, features (n_found, D)) of slide i's ``cells``."""
-        entry = self._slide(i)
-        if len(entry.cells) == 0:
-            return np.zeros(len(cells), dtype=bool), np.zeros((0, 0), dtype=np.float32)
-        pos = np.clip(np.searchsorted(entry.cells, cells), 0, len(entry.cells) - 1)
-        found = entry.cells[pos] == cells
-        return found, entry.features[pos[found]]
+        """(found (n,) bool, features (n_found, D)) of slide i's (flat) ``cells``."""
+        cells = np.asarray(cells, dtype=np.int64)
+        found = np.zeros(len(cells), dtype=bool)
+        rows: dict[int, np.ndarray] = {}
+        for j, where, local in self._split(i, cells):
+            entry = self._slide(i, j)
+            if len(entry.cells) == 0:
+                continue
+            pos = np.clip(np.searchsorted(entry.cells, local), 0, len(entry.cells) - 1)
+            hit = entry.cells[pos] == local
+            found[where[hit]] = True
+            rows.update(zip(where[hit].tolist(), entry.features[pos[hit]], strict=True))
+        if not rows:
+            return found, np.zeros((0, 0), dtype=np.float32)
+        return found, np.stack([rows[n] for n in np.flatnonzero(found).tolist()])
 
     # --- writing ----------------------------------------------------------------------------------------------
     def store(self, i: int, cells: np.ndarray, features: np.ndarray) -> None:
-        """Add slide i's embeddings of ``cells`` (new cells only); an unwritable cache turns itself off with one
-        warning (the run goes on, embedding every time)."""
-        entry = self._slide(i)
+        """Add slide i's embeddings of (flat) ``cells`` (new cells only); an unwritable cache turns itself off with
+        one warning (the run goes on, embedding every time)."""
+        for j, where, local in self._split(i, np.asarray(cells, dtype=np.int64)):
+            self._store(i, j, local, np.ascontiguousarray(features[where]))
+
+    def _store(self, i: int, j: int, cells: np.ndarray, features: np.ndarray) -> None:
+        entry = self._slide(i, j)
         name = f"chunk-{uuid.uuid4().hex}.npz"
         if self.enabled:
             try:
-                atomic_write(self.folder(i) / name, lambda h: np.savez(h, cells=cells, features=features))
+                atomic_write(self.folder(i, j) / name, lambda h: np.savez(h, cells=cells, features=features))
             except OSError as err:
                 self.enabled = False
                 log.warning("embedding cache %s is not writable (%s): embedding without it", self.root, err)
         merged = _merge([entry.cells, cells], [entry.features, features], entry.files | {name})
-        self._memory[i] = merged
+        self._memory[(i, j)] = merged
         if self.enabled and len(merged.files) > MAX_CHUNKS:
-            self._compact(i, merged)
+            self._compact(i, j, merged)
 
-    def _compact(self, i: int, entry: _Slide) -> None:
-        folder = self.folder(i)
+    def _compact(self, i: int, j: int, entry: _Slide) -> None:
+        folder = self.folder(i, j)
         name = f"chunk-{uuid.uuid4().hex}.npz"
         try:
             atomic_write(folder / name, lambda h: np.savez(h, cells=entry.cells, features=entry.features))
@@ -139,7 +165,7 @@ class EmbeddingCache:
                 (folder / old).unlink(missing_ok=True)
         except OSError:
             return
-        self._memory[i] = _Slide(entry.cells, entry.features, frozenset({name}))
+        self._memory[(i, j)] = _Slide(entry.cells, entry.features, frozenset({name}))
 
     # --- the model's view -------------------------------------------------------------------------------------
     def features(self, slides: Sequence[int], cells: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
@@ -185,7 +211,7 @@ class EmbeddingCache:
         """How much of the slides' valid cells has ever been embedded (from the files on disk)."""
         embedded = valid = 0
         for i in indices:
-            embedded += len(self._load(i).cells)
+            embedded += sum(len(self._load(i, j).cells) for j in range(len(self.catalog.magnifications)))
             valid += int(np.count_nonzero(self.catalog.valid(i)))
         return {
             "encoder_key": self.key,
