@@ -152,7 +152,8 @@ def budget_settings(cfg: Config, mode: str, budget: int, epsilon: float) -> Infe
     fields = {f.name for f in dataclasses.fields(InferenceSettings)}
     if not {"epsilon", "budget"} <= fields:
         return None
-    return dataclasses.replace(InferenceSettings("adaptive", 1, cfg.joint.k), **{"epsilon": epsilon, "budget": budget})
+    adaptive: dict[str, Any] = {"epsilon": epsilon, "budget": budget}
+    return dataclasses.replace(InferenceSettings("adaptive", 1, cfg.joint.k), **adaptive)
 
 
 def run_method(cfg: Config, folder: Path) -> dict[str, Any]:
