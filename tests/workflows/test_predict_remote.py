@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from loupe.slides.remote import forget_identities
 from loupe.workflows.prediction import predict
 
 from ..helpers.nginx import Nginx, nginx_available
@@ -74,3 +75,27 @@ def test_predictions_from_urls_equal_the_local_files(tiffslide_run, slides_dir, 
             assert SECRET.encode() not in path.read_bytes(), path
     shown = json.loads((tmp_path / "remote" / "slides" / SLIDES[0][:-4] / "prediction.json").read_text())["path"]
     assert shown == f"http://***@127.0.0.1:{server.port}/{SLIDES[0]}"
+
+
+def test_a_server_down_fails_its_slides_alone_and_the_run_resumes_when_it_is_back(
+    tiffslide_run, slides_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LOUPE_REMOTE_RETRIES", "1")
+    monkeypatch.setattr("loupe.slides.remote.BACKOFF_S", 0.05)
+    root = tmp_path / "www"
+    root.mkdir()
+    shutil.copy(slides_dir / SLIDES[0], root / SLIDES[0])
+    server = Nginx(root, tmp_path / "nginx")
+    inputs = [f"{server.url}/{SLIDES[0]}", slides_dir / SLIDES[1]]
+    first = predict(tiffslide_run, inputs, out=tmp_path / "out", workers=0)  # the server is not running
+    statuses = {sid: e["status"] for sid, e in first.status.slides.items()}
+    assert statuses == {"cmu-1-small-region-pyramid": "failed", "cmu-1-small-region-pyramid-generic": "done"}
+    assert f"127.0.0.1:{server.port}/{SLIDES[0]}" in first.status.slides["cmu-1-small-region-pyramid"]["reason"]
+    forget_identities()
+    server.start()  # back: the failed slide's object now has an identity, so the re-run retries it
+    try:
+        second = predict(tiffslide_run, inputs, out=tmp_path / "out", workers=0)
+    finally:
+        server.stop()
+    assert second.processed == ["cmu-1-small-region-pyramid"]
+    assert {e["status"] for e in second.status.slides.values()} == {"done"}

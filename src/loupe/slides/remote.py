@@ -6,22 +6,33 @@ reused connections, through a block cache (:data:`BLOCK_SIZE`) that serves neigh
 small reads from one request. The object's identity for the slide cache is its URL without credentials plus its
 ETag (or Last-Modified and size): :func:`remote_identity`, asked once per :data:`IDENTITY_TTL_S` per process.
 
+Faults: a server error (5xx, 429), a refused or dropped connection or a truncated response is retried with
+exponential backoff (:func:`with_retries`, a bounded number of times); 404, 401/403 and other refusals fail at
+once, and so does a server that stalls past the timeout (retrying it would only multiply the wait). Every failure
+is one :class:`SlideError` naming the redacted URL and the status, so predict fails that slide alone.
+
 Settings (environment, read when a slide is opened): ``LOUPE_REMOTE_TIMEOUT`` (seconds a read may wait for the
-server before the slide fails, default 30) and ``LOUPE_REMOTE_BLOCK`` (bytes per block, default 256 KiB).
+server before the slide fails, default 30), ``LOUPE_REMOTE_RETRIES`` (retries of a failed request, default 4,
+backoff 0.25 s doubling) and ``LOUPE_REMOTE_BLOCK`` (bytes per block, default 256 KiB).
 """
 
 from __future__ import annotations
 
 import importlib
+import io
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from loupe.errors import ConfigError, SlideError
 from loupe.slides.tiffslide_reader import TiffSlideReader
 from loupe.slides.urls import REMOTE_TIFF_SUFFIXES, SlideURL, needs_local_file, redact_text
+
+log = logging.getLogger("loupe")
 
 INSTALL_HINT = "pip install 'loupe[remote]'"
 
@@ -32,6 +43,12 @@ BLOCK_SIZE = 256 * 1024
 MAX_BLOCKS = 256
 #: Seconds a server may take to answer or to send the next bytes before the read fails.
 TIMEOUT_S = 30.0
+#: Retries of a failed request (server error, dropped connection) before the slide fails.
+RETRIES = 4
+#: Seconds before the first retry; each next one waits twice as long.
+BACKOFF_S = 0.25
+#: Seconds after a read used up its retries during which the file's reads fail at once.
+GIVE_UP_S = 10.0
 #: Seconds an object's identity (one HEAD request) is reused within a process.
 IDENTITY_TTL_S = 60.0
 
@@ -54,6 +71,11 @@ def _env_number(name: str, default: float, minimum: float) -> float:
 def timeout_s() -> float:
     """``$LOUPE_REMOTE_TIMEOUT`` or :data:`TIMEOUT_S`."""
     return _env_number("LOUPE_REMOTE_TIMEOUT", TIMEOUT_S, 0.1)
+
+
+def retries() -> int:
+    """``$LOUPE_REMOTE_RETRIES`` or :data:`RETRIES`."""
+    return int(_env_number("LOUPE_REMOTE_RETRIES", RETRIES, 0))
 
 
 def block_size() -> int:
@@ -111,14 +133,106 @@ def _failure(url: SlideURL, err: BaseException) -> SlideError:
         return SlideError(f"slide {url} not found on the server (HTTP 404): check the URL, or the path column")
     if isinstance(status, int):
         hint = "check the credentials and the access rights" if status in (401, 403) else "check the server"
-        return SlideError(f"slide {url}: the server answered HTTP {status}: {hint}")
+        tried = f" (after {retries()} retries)" if retryable(err) else ""
+        return SlideError(f"slide {url}: the server answered HTTP {status}{tried}: {hint}")
     if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
         return SlideError(
             f"slide {url}: the server did not answer within {timeout_s():g} s (timeout; $LOUPE_REMOTE_TIMEOUT "
             "sets it): check the server, or raise the timeout"
         )
     what = redact_text(f"{type(cause).__name__}: {cause}".strip())
-    return SlideError(f"slide {url} could not be read over the network ({what}): check the URL and the server")
+    tried = f", after {retries()} retries" if retryable(err) else ""
+    return SlideError(f"slide {url} could not be read over the network ({what}{tried}): check the URL and the server")
+
+
+def retryable(err: BaseException) -> bool:
+    """Whether a failed request may succeed when repeated: server errors (5xx, 429), refused or dropped
+    connections, truncated responses. Not: 404/403 and other refusals, timeouts, malformed data."""
+    cause = _cause(err)
+    status = getattr(cause, "status", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
+        return False
+    if isinstance(cause, (ConnectionError, EOFError)):
+        return True
+    name = type(cause).__name__
+    module = type(cause).__module__.split(".")[0]
+    return (module == "aiohttp" and ("Connection" in name or "Disconnected" in name or "Payload" in name)) or (
+        module in ("botocore", "aiobotocore") and "Connection" in name
+    )
+
+
+T = TypeVar("T")
+
+
+def with_retries(url: SlideURL, what: str, call: Callable[[], T]) -> T:
+    """``call()``, repeated after a retryable failure (:func:`retryable`) up to ``$LOUPE_REMOTE_RETRIES`` times
+    with doubling backoff; the last failure, or any other, raised as it is."""
+    attempts = retries()
+    for attempt in range(attempts + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == attempts or not retryable(err):
+                raise
+            wait = BACKOFF_S * 2**attempt
+            log.debug("slide %s: %s failed (%s); retrying in %.2g s", url, what, redact_text(str(_cause(err))), wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+class RetryingFile(io.RawIOBase):
+    """A seekable fsspec file whose reads are repeated after retryable failures (each read from its own
+    position: a failed block fetch leaves nothing cached, so the repeat fetches it again). Once a read has used up
+    its retries, the reads of the next :data:`GIVE_UP_S` seconds fail at once with that error (the rest of the
+    slide's region fails with it, instead of each tile taking as long again); later ones try afresh."""
+
+    def __init__(self, handle: Any, url: SlideURL) -> None:
+        super().__init__()
+        self._handle, self._url = handle, url
+        self._gave_up: tuple[float, Exception] | None = None  # when retrying last stopped, and why
+        self.name = url.name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self._handle.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._handle.tell())
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._handle.tell()
+
+        def once() -> bytes:
+            self._handle.seek(start)
+            return bytes(self._handle.read(-1 if size is None else size))
+
+        gave_up = self._gave_up
+        if gave_up is not None and time.monotonic() - gave_up[0] < GIVE_UP_S:
+            raise gave_up[1]  # the server is gone: the region's other tiles fail at once, not each as slowly
+        try:
+            return with_retries(self._url, f"reading {size} bytes at {start}", once)
+        except Exception as err:
+            if retryable(err):
+                self._gave_up = (time.monotonic(), err)
+            raise
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self._handle.close()
+        finally:
+            super().close()
 
 
 _identities: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -138,7 +252,8 @@ def remote_identity(url: SlideURL) -> dict[str, Any]:
     if hit is not None and now - hit[0] < IDENTITY_TTL_S:
         return hit[1]
     try:
-        info = filesystem(url).info(_fs_path(url))
+        fs = filesystem(url)
+        info = with_retries(url, "asking for its size and ETag", lambda: fs.info(_fs_path(url)))
     except Exception as err:
         raise OSError(str(_failure(url, err))) from None
     lower = {str(k).lower(): v for k, v in info.items()}
@@ -172,16 +287,12 @@ class RemoteTiffReader(TiffSlideReader):
 
     def _open_tiffslide(self, tiffslide: ModuleType) -> Any:
         fs = filesystem(self._url)
+        options = {"block_size": block_size(), "cache_type": "blockcache", "cache_options": {"maxblocks": MAX_BLOCKS}}
         try:
-            handle = fs.open(
-                _fs_path(self._url),
-                mode="rb",
-                block_size=block_size(),
-                cache_type="blockcache",
-                cache_options={"maxblocks": MAX_BLOCKS},
-            )
+            raw = with_retries(self._url, "opening", lambda: fs.open(_fs_path(self._url), mode="rb", **options))
         except Exception as err:
             raise _failure(self._url, err) from None
+        handle = RetryingFile(raw, self._url)
         try:
             return tiffslide.TiffSlide(handle)
         except Exception as err:
@@ -194,7 +305,12 @@ class RemoteTiffReader(TiffSlideReader):
             ) from None
 
     def _read_failure(self, level: int, err: BaseException) -> SlideError:
-        return _failure(self._url, err) if _is_network_error(err) else super()._read_failure(level, err)
+        if _is_network_error(err):
+            return _failure(self._url, err)
+        return SlideError(
+            f"slide {self._url}: reading level {level} failed ({redact_text(f'{type(err).__name__}: {err}')}); "
+            "the object is probably damaged or truncated: check its size on the server against the original"
+        )
 
 
 def _is_network_error(err: BaseException) -> bool:
