@@ -86,7 +86,7 @@ def test_a_server_gone_for_good_fails_the_slide_after_bounded_retries(www, tmp_p
 def test_a_truncated_object_fails_the_slide_with_a_message(www, tmp_path):
     data = (www / NAME).read_bytes()
     (www / "truncated.svs").write_bytes(data[: len(data) // 3])  # the header is whole, most tiles are missing
-    match = r"truncated\.svs: reading level 0 failed .*damaged or truncated"
+    match = r"truncated\.svs: .*(truncated or damaged|damaged or truncated)"
     with Nginx(www, tmp_path / "nginx") as server:
         remote = open_slide(f"{server.url}/truncated.svs")
         try:
