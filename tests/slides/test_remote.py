@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loupe.data.manifest import load_manifest, save_manifest
-from loupe.errors import SlideError
+from loupe.errors import ConfigError, SlideError
 from loupe.slides import describe_slide, open_slide
 from loupe.slides.cache import cache_key, file_identity
 from loupe.slides.remote import RemoteTiffReader, forget_identities
@@ -140,3 +140,19 @@ def test_a_server_error_fails_the_slide_naming_the_url_and_status(slides_dir, tm
             with pytest.raises(SlideError) as info:
                 open_slide(f"http://u:pw@127.0.0.1:{server.port}/{where}/a.svs")
             assert status in str(info.value) and f"/{where}/a.svs" in str(info.value) and "pw" not in str(info.value)
+
+
+@pytest.mark.parametrize(("url", "extra"), [("s3://bucket/k/a.svs", "s3"), ("gs://bucket/k/a.svs", "gcs")])
+def test_object_store_urls_without_their_filesystem_name_the_extra(url, extra, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_store(name, *args, **kwargs):  # as on a machine without s3fs/gcsfs
+        if name in ("s3fs", "gcsfs"):
+            raise ImportError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_store)
+    with pytest.raises(ConfigError, match=rf"{url.split(':')[0]}:// slides needs the optional extra.*loupe\[{extra}\]"):
+        open_slide(url)

@@ -58,6 +58,7 @@ GIVE_UP_S = 10.0
 IDENTITY_TTL_S = 60.0
 
 _FS_EXTRA = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs"}
+_EXTRA_NAME = {"s3": "s3", "gs": "gcs"}  # the pyproject extra that installs each scheme's filesystem
 
 
 def _env_number(name: str, default: float, minimum: float) -> float:
@@ -94,7 +95,7 @@ def _import(module: str, url: SlideURL) -> ModuleType:
     except ImportError as err:
         raise ConfigError(
             f"slide {url}: reading {url.scheme}:// slides needs the optional extra ({err.name} is missing): "
-            f"{INSTALL_HINT}"
+            f"pip install 'loupe[{_EXTRA_NAME.get(url.scheme, 'remote')}]'"
         ) from None
 
 

@@ -64,7 +64,7 @@ class TiffSlideReader(PyramidReader):
         self._lock = threading.Lock()
         try:
             self._slide = self._open_tiffslide(tiffslide)
-        except SlideError:
+        except (SlideError, ConfigError):  # already one message naming the slide (the remote reader's)
             raise
         except Exception as err:  # tifffile raises TiffFileError, ValueError, OSError... on bad input
             raise SlideError(
