@@ -133,7 +133,9 @@ def test_a_server_that_stalls_fails_the_slide_after_the_timeout(monkeypatch):
         assert time.monotonic() - start < 10
 
 
-def test_a_server_error_fails_the_slide_naming_the_url_and_status(slides_dir, tmp_path):
+def test_a_server_error_fails_the_slide_naming_the_url_and_status(slides_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOUPE_REMOTE_RETRIES", "1")  # a 5xx is retried (tests/slides/test_remote_faults.py)
+    monkeypatch.setattr("loupe.slides.remote.BACKOFF_S", 0.05)
     extra = "location /broken/ { return 500; } location /denied/ { return 403; }"
     with Nginx(tmp_path, tmp_path / "nginx", extra=extra) as server:
         for where, status in (("broken", "500"), ("denied", "403")):
