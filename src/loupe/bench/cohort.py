@@ -251,6 +251,7 @@ def plot_cohort(result: dict[str, Any], path: Path) -> Path:
     """Accuracy against patches read per slide: one point per method (error bars: sd over folds, both axes), the
     joint model's budgets as lines."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     from loupe.reports.plots import save_figure
 
@@ -267,6 +268,11 @@ def plot_cohort(result: dict[str, Any], path: Path) -> Path:
                         yerr=[e["accuracy_sd"] for e in pts], linestyle=style, marker=".", capsize=2, alpha=0.7,
                         label=f"joint, {mode} budgets")  # fmt: skip
     ax.set_xscale("log")
+    xs = [e["patches_per_slide"] for e in [*result["summary"], *result["budgets"]] if e["patches_per_slide"]]
+    if xs:  # 5, 10, 20 rather than 5×10⁰: plain labels at 1-2-5 steps over the data's range
+        ticks = [m * 10**d for d in range(-1, 7) for m in (1, 2, 5) if min(xs) / 1.5 <= m * 10**d <= max(xs) * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="patches read per slide (log scale)", ylabel="accuracy (mean ± sd over folds)")
     ax.set_title(f"{result['settings']['dataset']}: {result['settings']['folds']} folds", fontsize="small")
     ax.grid(True, which="both", alpha=0.3)
