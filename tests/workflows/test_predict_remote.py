@@ -99,3 +99,29 @@ def test_a_server_down_fails_its_slides_alone_and_the_run_resumes_when_it_is_bac
         server.stop()
     assert second.processed == ["cmu-1-small-region-pyramid"]
     assert {e["status"] for e in second.status.slides.values()} == {"done"}
+
+
+def test_predictions_from_dicomweb_equal_the_local_dicom_folders(trained_run, slides_dir, tmp_path):
+    """The fixture DICOM WSI series in a real Orthanc (DICOMweb plugin) on 127.0.0.1, read by wsidicom; the local
+    folder read by OpenSlide. Two readers: OpenSlide sees 12 levels where wsidicom sees the series' 3, and its
+    level-1 pixels differ by up to 5 grey levels, so probabilities agree to 1e-4 here (measured 3e-6), not 1e-6;
+    over DICOMweb wsidicom's pixels equal its local reading exactly (tests/slides/test_dicomweb.py)."""
+    wsidicom = pytest.importorskip("wsidicom")
+    pytest.importorskip("dicomweb_client")
+    from ..helpers.orthanc import Orthanc, orthanc_available
+
+    if not orthanc_available():
+        pytest.skip("Orthanc + DICOMweb plugin not installed (.ci/run installs them)")
+    folder = slides_dir / "dicom-cmu-1-small-region"
+    with wsidicom.WsiDicom.open(folder) as local:
+        study, series = str(local.uids.study_instance), str(local.uids.series_instance)
+    with Orthanc(tmp_path / "orthanc") as server:
+        for path in sorted(folder.glob("*.dcm")):
+            server.upload(path)
+        url = f"dicomweb+http://127.0.0.1:{server.port}/dicom-web/studies/{study}/series/{series}"
+        remote = predict(trained_run, [url], out=tmp_path / "remote", workers=0, tissue=True)
+    predict(trained_run, [folder], out=tmp_path / "local", workers=0, tissue=True)
+    assert remote.status.slides[series]["status"] == "done", remote.status.slides[series].get("reason")
+    got, want = _probabilities(tmp_path / "remote")[series], _probabilities(tmp_path / "local")[folder.name]
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], atol=1e-4, rtol=0)

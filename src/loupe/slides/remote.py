@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from loupe.errors import ConfigError, SlideError
+from loupe.slides.pyramid import PyramidReader
 from loupe.slides.tiffslide_reader import TiffSlideReader
 from loupe.slides.urls import REMOTE_TIFF_SUFFIXES, SlideURL, needs_local_file, redact_text
 
@@ -284,6 +285,8 @@ def remote_identity(url: SlideURL) -> dict[str, Any]:
     Raises OSError when the server gives neither an ETag nor a Last-Modified (then nothing of it is cached: a
     change could not be told) or cannot be asked.
     """
+    if url.is_dicomweb:  # DICOM UIDs name immutable content: the series UID is the identity
+        return {"url": url.without_credentials(), "dicomweb": True}
     key = url.url
     now = time.monotonic()
     with _identities_lock:
@@ -424,8 +427,13 @@ def _is_network_error(err: BaseException) -> bool:
     return isinstance(err, (OSError, TimeoutError)) or type(err).__module__.split(".")[0] in ("aiohttp", "botocore")
 
 
-def open_remote(url: SlideURL, backend: str, mpp: float | None) -> TiffSlideReader:
-    """Open the slide at ``url``: TIFF-family slides through tiffslide over fsspec, anything else refused."""
+def open_remote(url: SlideURL, backend: str, mpp: float | None) -> PyramidReader:
+    """Open the slide at ``url``: DICOMweb series through wsidicom, TIFF-family slides through tiffslide over
+    fsspec, anything else refused."""
+    if url.is_dicomweb:
+        from loupe.slides.dicomweb import DicomWebReader
+
+        return DicomWebReader(url, mpp)
     if backend not in ("auto", "tiffslide") or url.suffix.lower() not in REMOTE_TIFF_SUFFIXES:
         raise needs_local_file(url, backend)
     return RemoteTiffReader(url, mpp)

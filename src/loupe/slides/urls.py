@@ -19,8 +19,12 @@ from loupe.errors import SlideError
 
 #: URL schemes read through fsspec (``gcs`` is gcsfs's other name for ``gs``).
 FSSPEC_SCHEMES: tuple[str, ...] = ("http", "https", "s3", "gs", "gcs")
+#: DICOMweb: ``dicomweb+http(s)://host[:port]/<service root>/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>``,
+#: read through wsidicom + dicomweb-client (:mod:`loupe.slides.dicomweb`).
+DICOMWEB_SCHEMES: tuple[str, ...] = ("dicomweb+http", "dicomweb+https")
 #: Every scheme a slide may be named with.
-SCHEMES: tuple[str, ...] = FSSPEC_SCHEMES
+SCHEMES: tuple[str, ...] = FSSPEC_SCHEMES + DICOMWEB_SCHEMES
+DICOMWEB_FORM = "dicomweb+https://host/dicom-web/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>"
 
 #: Slide suffixes tiffslide reads from a byte stream (what is opened by URL). Other formats need local files.
 REMOTE_TIFF_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
@@ -33,7 +37,7 @@ MASK = "***"
 _SECRET_QUERY = re.compile(
     r"(signature|credential|token|secret|password|passwd|pwd|sig|key|auth|session)", re.IGNORECASE
 )
-_URL_IN_TEXT = re.compile(r"\b(?:https?|s3|gs|gcs)://[^\s'\"<>)\]]+", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"\b(?:dicomweb\+https?|https?|s3|gs|gcs)://[^\s'\"<>)\]]+", re.IGNORECASE)
 
 
 def looks_like_url(text: str | object) -> bool:
@@ -81,12 +85,28 @@ class SlideURL:
             raise SlideError(f"slide URL {redact(self.url)} names no host or bucket: write scheme://host/path")
         if not unquote(parts.path).strip("/"):
             raise SlideError(f"slide URL {redact(self.url)} names no object: write scheme://host/path/to/slide.svs")
+        if self.is_dicomweb and self.dicomweb_parts is None:
+            raise SlideError(f"DICOMweb slide URL {redact(self.url)} names no study and series: write {DICOMWEB_FORM}")
 
     @property
     def scheme(self) -> str:
         """Lower-case scheme: http, https, s3, gs (gcs is given as gs)."""
         scheme = urlsplit(self.url).scheme.lower()
         return "gs" if scheme == "gcs" else scheme
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.scheme in DICOMWEB_SCHEMES
+
+    @property
+    def dicomweb_parts(self) -> tuple[str, str, str] | None:
+        """(service root URL as given, with its credentials; study UID; series UID) of a DICOMweb URL, else None."""
+        parts = urlsplit(self.url)
+        steps = parts.path.rstrip("/").split("/")
+        if len(steps) < 5 or steps[-4] != "studies" or steps[-2] != "series" or not steps[-3] or not steps[-1]:
+            return None
+        root = urlunsplit((parts.scheme.split("+", 1)[1], parts.netloc, "/".join(steps[:-4]), "", ""))
+        return root, unquote(steps[-3]), unquote(steps[-1])
 
     @property
     def host(self) -> str:
@@ -104,11 +124,11 @@ class SlideURL:
 
     @property
     def stem(self) -> str:
-        return self._posix.stem
+        return self.name if self.is_dicomweb else self._posix.stem  # a series UID's dots are not a suffix
 
     @property
     def suffix(self) -> str:
-        return self._posix.suffix
+        return "" if self.is_dicomweb else self._posix.suffix
 
     @property
     def parent(self) -> PurePosixPath:
