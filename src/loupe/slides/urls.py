@@ -167,8 +167,9 @@ def needs_local_file(url: SlideURL, backend: str) -> SlideError:
     return SlideError(
         f"slide {url}: {'its format (' + url.suffix + ')' if backend == 'auto' else 'backend ' + repr(backend)} "
         f"needs a local file; by URL loupe reads TIFF-family slides ({', '.join(REMOTE_TIFF_SUFFIXES)}) through "
-        "tiffslide and DICOM series over DICOMweb (dicomweb+https://…/studies/<uid>/series/<uid>): copy this slide to local disk (for MRXS and other OpenSlide-only formats) or convert it to a "
-        "pyramidal TIFF, and use backend 'auto' or 'tiffslide' for URLs"
+        "tiffslide and DICOM series over DICOMweb (dicomweb+https://…/studies/<uid>/series/<uid>): copy this "
+        "slide to local disk (for MRXS and other OpenSlide-only formats) or convert it to a pyramidal TIFF, and use "
+        "backend 'auto' or 'tiffslide' for URLs"
     )
 
 
