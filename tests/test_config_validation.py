@@ -46,6 +46,8 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "joint.novelty_epochs": ["-1"],
     "joint.novelty": ["-1", "nan"],
     "joint.inference_samples": ["0"],
+    "joint.adaptive_epsilon": ["0", "-0.1", "nan"],
+    "joint.adaptive_budget": ["0", "-5"],
     "gated_mil.patch_size": ["0"],
     "gated_mil.attention_hidden": ["0"],
     "gated_mil.attention_dropout": ["1"],
@@ -164,6 +166,10 @@ def test_wrong_typed_values_give_one_message(capsys, tmp_path: Path, key: str):
         (["--data.fold", "5", "--data.folds", "5"], ["data.fold=5", "[0, 5)"]),
         (["--data.backend", "vips"], ["data.backend='vips'", "auto, openslide, tiffslide, image"]),
         (["--data.val_fraction", "0.6", "--data.test_fraction", "0.5"], ["data.val_fraction + data.test_fraction"]),
+        (
+            ["--joint.inference", "adaptive", "--joint.adaptive_budget", "3", "--joint.k", "5"],
+            ["joint.adaptive_budget=3", "joint.k=5"],
+        ),
     ],
 )
 def test_the_issue_examples(capsys, tmp_path: Path, args: list[str], needles: list[str]):

@@ -61,6 +61,15 @@ def _run_parser(prog: str) -> ArgumentParser:
         help="joint model: pooling mode (default: the run's)",
     )
     parser.add_argument("--samples", type=int | None, default=None, help="joint model: samples averaged by mean")
+    parser.add_argument(
+        "--epsilon", type=float | None, default=None,
+        help="joint model, --inference adaptive: stop once the top class's standard error is under this "
+        "(default: the run's joint.adaptive_epsilon)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget", type=int | None, default=None,
+        help="joint model, --inference adaptive: most patches read per slide (default: joint.adaptive_budget)",
+    )  # fmt: skip
     return parser
 
 
@@ -194,7 +203,15 @@ def _train(ns: Namespace, args: list[str]) -> int:
 def _evaluate(ns: Namespace, args: list[str]) -> int:
     from loupe.workflows.evaluation import evaluate
 
-    m = evaluate(ns.run, split=ns.split, out=ns.out, inference=ns.inference, samples=ns.samples)
+    m = evaluate(
+        ns.run,
+        split=ns.split,
+        out=ns.out,
+        inference=ns.inference,
+        samples=ns.samples,
+        epsilon=ns.epsilon,
+        budget=ns.budget,
+    )
     share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in m.attention_share.items())
     print(f"{ns.split}: accuracy {_figure(m.accuracy)}, balanced {_figure(m.balanced_accuracy)}; attention {share}")
     return 0
@@ -223,6 +240,8 @@ def _predict(ns: Namespace, args: list[str]) -> int:
         heatmaps=ns.heatmaps,
         tissue=ns.tissue,
         k=ns.k,
+        epsilon=ns.epsilon,
+        budget=ns.budget,
     )
     counts = run.counts()
     total = sum(counts.values())

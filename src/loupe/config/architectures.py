@@ -14,6 +14,7 @@ from loupe.config.checks import (
     FRACTION,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
+    POSITIVE,
     POSITIVE_INT,
     PRETRAINED,
     THUMBNAIL,
@@ -21,9 +22,9 @@ from loupe.config.checks import (
     int_at_least,
 )
 
-InferenceMode = Literal["sample", "mean", "topk", "exhaustive"]
+InferenceMode = Literal["sample", "mean", "topk", "exhaustive", "adaptive"]
 #: How the joint model pools patches at inference: one sample of k, the mean over several samples, the top-k
-#: cells, or every cell.
+#: cells, every cell, or rounds of k until the prediction is sure enough (:mod:`loupe.models.adaptive`).
 INFERENCE_MODES: tuple[str, ...] = get_args(InferenceMode)
 
 #: Settings that loupe 0.1 kept under ``model`` (and ``train``) and that now live in an architecture's section.
@@ -54,6 +55,10 @@ class ArchitectureSettings:
     legacy_section: ClassVar[str | None] = None
     """A loupe 0.1 section merged into this one."""
 
+    def relation_error(self) -> str | None:
+        """What is wrong between this section's values (a message naming the settings and the fix), or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class JointConfig(ArchitectureSettings):
@@ -74,6 +79,8 @@ class JointConfig(ArchitectureSettings):
         "novelty_epochs": NON_NEGATIVE_INT,
         "novelty": NON_NEGATIVE,
         "inference_samples": POSITIVE_INT,
+        "adaptive_epsilon": POSITIVE,
+        "adaptive_budget": POSITIVE_INT,
     }
 
     patch_size: int = 32
@@ -112,8 +119,22 @@ class JointConfig(ArchitectureSettings):
     """sampled: k cells per image; exhaustive: f on every cell and the exact sum (the all-patches baseline)."""
     inference: InferenceMode = "mean"
     """How validation, evaluation and prediction pool patches: one sample of k, the mean over
-    inference_samples samples, the top-k cells, or every cell."""
+    inference_samples samples, the top-k cells, every cell, or adaptive (rounds of k new cells until the top
+    class's Monte-Carlo standard error is under adaptive_epsilon or adaptive_budget patches are read)."""
     inference_samples: int = 8
+    adaptive_epsilon: float = 0.02
+    """Adaptive inference stops reading once the top class probability's standard error over the rounds (std over
+    rounds / √rounds) is under this (after one more round, which keeps the estimate unbiased)."""
+    adaptive_budget: int = 40
+    """Most patches adaptive inference reads per slide (whole rounds of k; at least k)."""
+
+    def relation_error(self) -> str | None:
+        if self.inference == "adaptive" and self.adaptive_budget < self.k:
+            return (
+                f"joint.adaptive_budget={self.adaptive_budget}: expected at least joint.k={self.k} (adaptive "
+                "inference reads whole rounds of k patches)"
+            )
+        return None
 
 
 @dataclass(frozen=True)

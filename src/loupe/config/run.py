@@ -95,6 +95,9 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"data.backend={show(cfg.data.backend)}: expected {one_of(BACKENDS)[1]}")
 
     parse_magnifications(m.magnifications, m.magnification_labels)
+    relation = cfg.section().relation_error()
+    if relation is not None:
+        raise ConfigError(relation)
     if cfg.section().one_magnification and len(m.magnifications) != 1:
         raise ConfigError(
             f"model.magnifications={show(m.magnifications)}: {m.architecture} reads one magnification; give one, "

@@ -38,11 +38,23 @@ def sample_cells(probs: Tensor, k: int, replace: bool, generator: torch.Generato
     probs = probs.detach()
     if replace:
         return torch.multinomial(probs, k, replacement=True, generator=generator)
-    n = probs.shape[-1]
+    idx = torch.topk(gumbel_keys(probs, generator), min(k, probs.shape[-1]), dim=-1).indices
+    return first_draws(idx, probs, k)
+
+
+def gumbel_keys(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``log P + Gumbel noise`` per cell (−inf where P = 0), from one ``torch.rand`` of ``probs``' shape: sorted in
+    decreasing order, the cells come in the order of successive sampling without replacement from P."""
+    probs = probs.detach()
     uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(probs.dtype).tiny)))
-    keys = torch.where(probs > 0, torch.log(probs) + gumbel, torch.full_like(probs, -torch.inf))
-    idx = torch.topk(keys, min(k, n), dim=-1).indices
+    return torch.where(probs > 0, torch.log(probs) + gumbel, torch.full_like(probs, -torch.inf))
+
+
+def first_draws(idx: Tensor, probs: Tensor, k: int) -> Tensor:
+    """The first k draws of a draw order ``idx`` (B, ≥ min(k, N)) as :func:`sample_cells` returns them: draws past
+    a row's cells of nonzero probability repeat its last valid draw."""
+    idx = idx[:, :k]
     if idx.shape[-1] < k:
         idx = torch.cat([idx, idx[:, -1:].expand(-1, k - idx.shape[-1])], dim=-1)
     # Draws that fell on zero-probability cells (row exhausted): point them at the last valid draw.
@@ -89,11 +101,7 @@ def expectation_without_replacement(
     p = torch.where(p_valid, p, torch.zeros_like(p))
     if q is not None:
         return _importance_without_replacement(p, f, p_valid, q.detach())
-    before = torch.cumsum(p, dim=1) - p  # Σ_{u<t} P_u, exclusive
-    pm = (1.0 - before).clamp_min(0.0)
-    weighted_before = torch.cumsum(p.unsqueeze(-1) * f, dim=1) - p.unsqueeze(-1) * f
-    mask = p_valid.unsqueeze(-1)
-    e = weighted_before + torch.where(mask, pm.unsqueeze(-1) * f, torch.zeros_like(f))  # (B, k, D)
+    e, pm = _draw_estimates(p, f, p_valid)
     # Score function of the draws up to t: log q_u = log P_u − log pm_u, cumulated (causal).
     safe_p = torch.where(p_valid, p, torch.ones_like(p))
     safe_pm = torch.where(p_valid, pm, torch.ones_like(pm)).clamp_min(torch.finfo(p.dtype).tiny)
@@ -102,6 +110,27 @@ def expectation_without_replacement(
     score = score - score.detach()  # value 0, gradient ∇ log q(s_≤t)
     surrogate = e + e.detach() * score.unsqueeze(-1)
     return surrogate.mean(dim=1)
+
+
+def draw_estimates(p: Tensor, f: Tensor, p_valid: Tensor | None = None) -> Tensor:
+    """Each draw's own estimate ``e_t = Σ_{u<t} P_u f_u + pm_t f_t`` (B, T, D), values only (for inference), of
+    draws without replacement in draw order (arguments as :func:`expectation_without_replacement`, whose value is
+    their mean). Given the draws before t, e_t's expectation over draw t is exactly Σ P f (draw t comes from P
+    renormalised over the cells not drawn yet): every e_t is unbiased, however many draws came before it."""
+    if p_valid is None:
+        p_valid = torch.ones_like(p, dtype=torch.bool)
+    p = torch.where(p_valid, p, torch.zeros_like(p))
+    return _draw_estimates(p, f, p_valid)[0]
+
+
+def _draw_estimates(p: Tensor, f: Tensor, p_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(e_t (B, T, D), pm_t (B, T)) of draws whose invalid ones already carry P = 0."""
+    before = torch.cumsum(p, dim=1) - p  # Σ_{u<t} P_u, exclusive
+    pm = (1.0 - before).clamp_min(0.0)
+    weighted_before = torch.cumsum(p.unsqueeze(-1) * f, dim=1) - p.unsqueeze(-1) * f
+    mask = p_valid.unsqueeze(-1)
+    e = weighted_before + torch.where(mask, pm.unsqueeze(-1) * f, torch.zeros_like(f))  # (B, T, D)
+    return e, pm
 
 
 def _importance_without_replacement(p: Tensor, f: Tensor, p_valid: Tensor, q: Tensor) -> Tensor:

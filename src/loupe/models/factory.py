@@ -9,6 +9,7 @@ Adding an architecture is one module (a :class:`SlideClassifier` with ``from_set
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -183,10 +184,15 @@ def build_model(cfg: Config, n_classes: int) -> SlideClassifier:
 
 
 def resolve_inference(
-    cfg: Config, mode: str | None = None, samples: int | None = None, k: int | None = None
+    cfg: Config,
+    mode: str | None = None,
+    samples: int | None = None,
+    k: int | None = None,
+    epsilon: float | None = None,
+    budget: int | None = None,
 ) -> InferenceSettings:
-    """The inference settings asked for (``--inference``, ``--samples``, ``--k``), defaulting to the run's; a
-    setting the architecture does not use is refused."""
+    """The inference settings asked for (``--inference``, ``--samples``, ``--k``, ``--epsilon``, ``--budget``),
+    defaulting to the run's; a setting the architecture does not use is refused."""
     entry = architecture(cfg)
     default = entry.inference(cfg)
     if mode is not None and mode not in entry.inference_modes:
@@ -204,4 +210,24 @@ def resolve_inference(
             raise ConfigError(f"--k {k}: expected an integer ≥ 1 (patches read per sample)")
         if not entry.k:
             raise ConfigError(f"--k: not used by model.architecture {entry.name} (it reads every patch)")
-    return InferenceSettings(mode or default.mode, samples or default.samples, k or default.k)
+    adaptive = "adaptive" in entry.inference_modes
+    for flag, value in (("--epsilon", epsilon), ("--budget", budget)):
+        if value is not None and not adaptive:
+            raise ConfigError(f"{flag}: not used by model.architecture {entry.name} (it has no adaptive inference)")
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+        raise ConfigError(f"--epsilon {epsilon}: expected a number > 0 (the top class's standard error to reach)")
+    if budget is not None and budget < 1:
+        raise ConfigError(f"--budget {budget}: expected an integer ≥ 1 (most patches read per slide)")
+    settings = InferenceSettings(
+        mode or default.mode,
+        samples or default.samples,
+        k or default.k,
+        default.epsilon if epsilon is None else epsilon,
+        budget or default.budget,
+    )
+    if settings.mode == "adaptive" and settings.budget < settings.k:
+        raise ConfigError(
+            f"--budget {settings.budget}: expected at least k = {settings.k} (adaptive inference reads whole "
+            "rounds of k patches; raise --budget or lower --k)"
+        )
+    return settings

@@ -124,16 +124,23 @@ class InferenceSettings:
 
     ``mode`` and ``samples`` apply to the joint model; ``k`` is the number of patches read per sample (joint) or
     the most attended positions reported (StreamingCLAM). Architectures that always read every patch report
-    ``exhaustive``.
+    ``exhaustive``. ``epsilon`` and ``budget`` apply to the joint model's ``adaptive`` mode (rounds of k patches
+    until the top class's Monte-Carlo standard error is under ``epsilon`` or ``budget`` patches are read).
     """
 
     mode: str = "exhaustive"
     samples: int = 1
     k: int = 0
+    epsilon: float = 0.0
+    budget: int = 0
 
     def record(self) -> dict[str, object]:
-        """The JSON form: ``samples`` is what was averaged (1 unless mode is ``mean``)."""
-        return {"mode": self.mode, "samples": self.samples if self.mode == "mean" else 1, "k": self.k}
+        """The JSON form: ``samples`` is what was averaged (1 unless mode is ``mean``); ``epsilon`` and ``budget``
+        only for the adaptive mode (so that the records of the other modes are as they were)."""
+        out: dict[str, object] = {"mode": self.mode, "samples": self.samples if self.mode == "mean" else 1, "k": self.k}
+        if self.mode == "adaptive":
+            out |= {"epsilon": self.epsilon, "budget": self.budget}
+        return out
 
 
 @dataclass

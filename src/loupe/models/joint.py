@@ -15,12 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loupe.config import INFERENCE_MODES, JointConfig, ModelConfig
+from loupe.models.adaptive import adaptive_slide
 from loupe.models.attention import AttentionNetwork, attention_dropout, entropy_regulariser
 from loupe.models.backbones import Backbone, create_backbone
 from loupe.models.estimators import (
     exact_expectation,
     expectation_with_replacement,
     expectation_without_replacement,
+    first_draws,
+    gumbel_keys,
     proposal,
     sample_cells,
 )
@@ -67,7 +70,9 @@ def patch_reader(pixels: PixelSource, batch: SlideBatch, device: torch.device) -
 
 def inference_settings(settings: JointConfig) -> InferenceSettings:
     """The inference a joint run's settings ask for (evaluate, predict, validation)."""
-    return InferenceSettings(settings.inference, settings.inference_samples, settings.k)
+    return InferenceSettings(
+        settings.inference, settings.inference_samples, settings.k, settings.adaptive_epsilon, settings.adaptive_budget
+    )
 
 
 #: The defaults of every setting the model shares with its settings section: one source for both.
@@ -219,7 +224,11 @@ class JointAttentionSampler(SlideClassifier):
             mode, samples, k = inference.mode, inference.samples, inference.k or self.k
         read = patch_reader(pixels, batch, device)
         embed_cells = cell_embedder(self, self.embed, read, batch, pixels)
-        out = self.classify(thumbs, batch.shapes, read, batch.valid, mode, samples, k=k, embed_cells=embed_cells)
+        if mode == "adaptive":
+            assert inference is not None
+            out = self.classify_adaptive(thumbs, batch, pixels, k, inference.epsilon, inference.budget)
+        else:
+            out = self.classify(thumbs, batch.shapes, read, batch.valid, mode, samples, k=k, embed_cells=embed_cells)
         if labels is not None:
             assert out.regulariser is not None
             if out.draw_logits is not None:  # several draws: the mean of their losses (not the loss of the mean)
@@ -253,8 +262,9 @@ class JointAttentionSampler(SlideClassifier):
         ``exhaustive`` (f on every cell, exact Σ P f). ``regulariser`` is Σ P log P per image. ``embed_cells``
         (default: read, then f) turns cells into features (e.g. through an embedding cache).
         """
-        if mode not in INFERENCE_MODES:
-            raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
+        if mode not in INFERENCE_MODES or mode == "adaptive":
+            modes = [m for m in INFERENCE_MODES if m != "adaptive"]
+            raise ValueError(f"mode must be one of {modes} (adaptive: classify_adaptive), got {mode!r}")
         k = self.k if k is None else k
         raw = embed_cells if embed_cells is not None else (lambda cells: self.embed(read_patches(cells)))
 
@@ -311,6 +321,71 @@ class JointAttentionSampler(SlideClassifier):
         return SlideOutput(
             draw_logits.mean(0), probs, cells, regulariser=regulariser, draw_logits=draw_logits, auxiliary=auxiliary
         )
+
+    def classify_adaptive(
+        self,
+        thumbnails: Tensor,
+        batch: SlideBatch,
+        pixels: PixelSource,
+        k: int,
+        epsilon: float,
+        budget: int,
+        generator: torch.Generator | None = None,
+    ) -> SlideOutput:
+        """Adaptive inference (:mod:`loupe.models.adaptive`): rounds of ``k`` cells drawn without replacement, never
+        a cell twice in a slide, until the top class's Monte-Carlo standard error is under ``epsilon`` or
+        ``budget`` patches are read. Round 1 is today's sampled inference without replacement (same random
+        numbers, same cells, same estimate), so with ``budget < 2k`` the output is the ``sample`` mode's of a run
+        with ``joint.replace: false``. A run trained with replacement draws without replacement here too (never a
+        cell twice; the estimate of Σ P f is unbiased either way), so its one round is not its own ``sample``
+        mode. ``spread`` is the standard deviation of the class probabilities over the rounds, ``patches_read``
+        the distinct cells read."""
+        _, probs = self.attend(thumbnails, batch.shapes, batch.valid)
+        regulariser = entropy_regulariser(probs)
+        keys = gumbel_keys(probs, generator)
+        first = first_draws(torch.topk(keys, min(k, probs.shape[1]), dim=-1).indices, probs, k)
+        feats = _slide_embedder(self, batch, pixels)(first)
+        p = probs.gather(1, first)
+        n_alive = (probs > 0).sum(-1, keepdim=True)
+        p_valid = torch.arange(k, device=p.device).expand_as(p) < n_alive
+        first_estimates = expectation_without_replacement(p, feats, p_valid)
+        slides = []
+        for b in range(len(batch)):
+            embed_one = _one_slide(_slide_embedder(self, batch.select([b]), pixels))
+            slides.append(
+                adaptive_slide(
+                    probs[b],
+                    keys[b],
+                    first[b],
+                    feats[b],
+                    first_estimates[b],
+                    embed_one,
+                    self.classifier,
+                    k,
+                    epsilon,
+                    budget,
+                )
+            )
+        logits = self.classifier(torch.stack([s.estimate for s in slides]))
+        n = max(len(s.cells) for s in slides)
+        cells = torch.stack([torch.cat([s.cells, s.cells[-1:].expand(n - len(s.cells))]) for s in slides])
+        spread = None
+        if any(len(s.round_logits) > 1 for s in slides):
+            spread = torch.stack([draw_spread(s.round_logits.unsqueeze(1))[0] for s in slides])
+        read = torch.tensor([s.patches_read for s in slides], dtype=torch.long)
+        return SlideOutput(logits, probs, cells, regulariser=regulariser, spread=spread, patches_read=read)
+
+
+def _slide_embedder(model: JointAttentionSampler, batch: SlideBatch, pixels: PixelSource) -> CellEmbedder:
+    """Cells (B, n) of ``batch`` → features (B, n, D) after their magnification's map, as ``classify`` embeds."""
+    read = patch_reader(pixels, batch, batch.thumbnails.device)
+    raw = cell_embedder(model, model.embed, read, batch, pixels)
+    return lambda cells: model.at_magnification(raw(cells), magnification_of(cells, batch.shapes))
+
+
+def _one_slide(embed: CellEmbedder) -> Callable[[Tensor], Tensor]:
+    """A one-slide batch's embedder as cells (n,) → features (n, D)."""
+    return lambda cells: embed(cells.unsqueeze(0))[0]
 
 
 def draw_spread(draw_logits: Tensor) -> Tensor:

@@ -100,13 +100,15 @@ def evaluate(
     out: str | Path | None = None,
     inference: str | None = None,
     samples: int | None = None,
+    epsilon: float | None = None,
+    budget: int | None = None,
 ) -> Evaluation:
     """Evaluate a trained run on one split; write metrics.json (with the expected calibration error over 10
     equal-width bins of the top-class confidence), predictions.csv (with each slide's spread over the inference
     draws) and ROC/PR/reliability/confusion PNGs.
 
-    ``inference`` (sample / mean / topk / exhaustive) and ``samples`` default to the run's settings; the mode
-    used is recorded in the metrics.
+    ``inference`` (sample / mean / topk / exhaustive / adaptive), ``samples``, and adaptive's ``epsilon`` and
+    ``budget`` default to the run's settings; the mode used is recorded in the metrics.
     """
     if out is not None:  # writable, before anything is read (the default, inside the run, once the run loads)
         prepare_output_folder(out, "output folder (--out)")
@@ -120,7 +122,7 @@ def evaluate(
     records = list(manifest.records)
     catalog = make_catalog(records, cfg)
     catalog.require_all()
-    settings = resolve_inference(cfg, inference, samples)
+    settings = resolve_inference(cfg, inference, samples, epsilon=epsilon, budget=budget)
     try:
         result = infer(model, catalog, list(range(len(records))), cfg, settings)
     finally:

@@ -196,6 +196,10 @@ class PredictOptions:
     heatmaps: bool = False
     """Also write each slide's PNG pictures (overlay, heatmap per magnification, tissue): ``loupe view`` and the
     GeoJSON need only ``attention.npz``, and the pictures were most of a slide's write time."""
+    epsilon: float | None = None
+    """Adaptive inference: the top class's standard error to reach (default: the run's)."""
+    budget: int | None = None
+    """Adaptive inference: the most patches read per slide (default: the run's)."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def _job(options: PredictOptions) -> _Job:
         data = dataclasses.replace(data, tissue=options.tissue)
     cfg = dataclasses.replace(cfg, data=data)
     records = collect_records(options.slides, options.out)
-    settings = resolve_inference(cfg, options.inference, options.samples, options.k)
+    settings = resolve_inference(cfg, options.inference, options.samples, options.k, options.epsilon, options.budget)
     record = _settings_record(cfg, settings, ckpt)
     return _Job(options.run, cfg, records, settings, record, options.out, options.since, options.heatmaps)
 
@@ -235,6 +239,8 @@ def predict(
     k: int | None = None,
     claim_expiry_s: float = EXPIRY_S,
     heatmaps: bool = False,
+    epsilon: float | None = None,
+    budget: int | None = None,
 ) -> PredictionRun:
     """Predict slides (files, folders, manifest CSVs) into ``out``; see the module docstring for the layout.
 
@@ -248,6 +254,8 @@ def predict(
     slides that failed before are retried only when their file or the settings that read them changed.
     ``heatmaps``: also write each slide's PNG pictures (overlay, heatmaps, tissue); off, a slide's folder holds its
     prediction, attention arrays (with the tissue mask) and GeoJSON, which ``loupe view`` draws from.
+    ``epsilon`` and ``budget`` (``inference="adaptive"``): read rounds of k new patches until the top class's
+    standard error is under ``epsilon`` or ``budget`` patches are read; each slide's ``patches_read`` is recorded.
     """
     if workers < 0:
         raise ConfigError(f"--workers {workers}: expected an integer ≥ 0 (worker processes; 1: this process)")
@@ -269,6 +277,8 @@ def predict(
         loader_workers=loaders,
         claim_expiry_s=claim_expiry_s,
         heatmaps=heatmaps,
+        epsilon=epsilon,
+        budget=budget,
     )
     job = _job(options)
     token = uuid.uuid4().hex[:12]
