@@ -142,7 +142,7 @@ def test_every_bench_subcommand_has_its_parser_and_runner_and_lists_its_options(
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["nope", "--out", "x"], ["unknown bench 'nope'", "tables, wsi, streaming, sparse"]),
+        (["nope", "--out", "x"], ["unknown bench 'nope'", ", ".join(BENCH_COMMANDS)]),
         (["wsi", "--out", "x", "--k", "many"], ["k=many", "integer"]),
         (["sparse", "--out", "x", "--seeds"], ["--seeds"]),
         (["streaming", "--out", "x"], ["required", "size"]),
