@@ -129,7 +129,9 @@ def test_prediction_killed_at_random_moments_completes_every_slide_once(
     run = trained_run
     slides = sorted((dataset.parent / "images").glob("*.tif"))[:8]
     out = tmp_path / "out"
-    args = ["predict", str(run), *map(str, slides), "--out", str(out), "--workers", "0"]
+    # --heatmaps: every output of a slide is written (the most files a kill can cut short), and each slide takes
+    # long enough that the kills land mid-run rather than after the last slide
+    args = ["predict", str(run), *map(str, slides), "--out", str(out), "--workers", "0", "--heatmaps"]
     killed = 0
     for _ in range(3):
         states = out / "state"
