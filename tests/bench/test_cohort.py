@@ -75,6 +75,9 @@ def test_every_method_on_every_fold_with_the_figures_and_their_summary(bench):
     assert joint["accuracy"] == pytest.approx(np.mean(accs)) and joint["accuracy_sd"] == pytest.approx(np.std(accs))
     fixed = {e["budget"]: e for e in result["budgets"] if e["mode"] == "fixed"}
     assert fixed[3]["patches_per_slide"] == 3 and fixed[6]["patches_per_slide"] == 6  # one draw of B, distinct
+    adaptive = [r for r in result["budget_rows"] if r["mode"] == "adaptive"]
+    assert sorted((r["fold"], r["budget"]) for r in adaptive) == [(0, 3), (0, 6), (1, 3), (1, 6)]
+    assert all(0 < r["patches_per_slide"] <= r["budget"] and r["inference"]["budget"] == r["budget"] for r in adaptive)
     saved = json.loads((tmp / "cv" / "cohort.json").read_text())
     assert saved["summary"] == result["summary"]  # finite floats survive JSON exactly
     md = (tmp / "cv" / "cohort.md").read_text()
@@ -139,6 +142,7 @@ def test_bad_options_are_one_message(tmp_path: Path):
         ({"methods": ["nope"]}, "unknown method"),
         ({"budgets": [0]}, "--budgets"),
         ({"epsilon": 0.0}, "--epsilon"),
+        ({"budgets": [2]}, "at least k = 3"),  # adaptive reads whole rounds of k: refused before any training
     ):
         with pytest.raises(ConfigError, match=word):
             run_cohort(config=cfg, out=tmp_path / "o", **kwargs)

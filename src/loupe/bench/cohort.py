@@ -138,22 +138,20 @@ def patches_read(prediction: Any) -> int:
 
 
 def _adaptive_record(settings: InferenceSettings) -> dict[str, Any]:
+    if settings.mode != "adaptive":
+        return {}
     return {k: getattr(settings, k) for k in ("epsilon", "budget") if getattr(settings, k, None) is not None}
 
 
-def budget_settings(cfg: Config, mode: str, budget: int, epsilon: float) -> InferenceSettings | None:
+def budget_settings(cfg: Config, mode: str, budget: int, epsilon: float) -> InferenceSettings:
     """The joint model's inference at a patch budget: ``fixed`` one draw of ``budget`` patches; ``adaptive``
-    rounds of the run's k until the top class's standard error is under ``epsilon`` (None where this loupe has no
-    adaptive inference)."""
-    from loupe.models import InferenceSettings
+    rounds of the run's k until the top class's standard error is under ``epsilon``. Checked as `loupe evaluate`'s
+    options are (:func:`~loupe.models.resolve_inference`): a budget below k is one :class:`ConfigError`."""
+    from loupe.models import resolve_inference
 
     if mode == "fixed":
-        return InferenceSettings("sample", 1, budget)
-    fields = {f.name for f in dataclasses.fields(InferenceSettings)}
-    if not {"epsilon", "budget"} <= fields:
-        return None
-    adaptive: dict[str, Any] = {"epsilon": epsilon, "budget": budget}
-    return dataclasses.replace(InferenceSettings("adaptive", 1, cfg.joint.k), **adaptive)
+        return resolve_inference(cfg, "sample", samples=1, k=budget)
+    return resolve_inference(cfg, "adaptive", samples=1, epsilon=epsilon, budget=budget)
 
 
 def run_method(cfg: Config, folder: Path) -> dict[str, Any]:
@@ -316,6 +314,9 @@ def run_cohort(
     for name in names:
         if name not in every:
             raise ConfigError(f"loupe bench accuracy: unknown method {name!r}; this config's: {', '.join(every)}")
+    for mode in BUDGET_MODES:  # a budget below k is refused before anything is trained
+        for b in budgets:
+            budget_settings(every["joint"], mode, b, epsilon)
     from loupe.workflows.training import prepare_manifest
 
     n_slides = len(prepare_manifest(fold_config(cfg, folds, 0, epochs)).records)  # checks the folds can be made
@@ -384,8 +385,6 @@ def _budget_rows(
             row = _cached(path)
             if row is None:
                 settings = budget_settings(cfg, mode, b, epsilon)
-                if settings is None:
-                    continue
                 figures, record = score(folder / "run", settings)
                 row = {"method": "joint", "mode": mode, "budget": b, "fold": fold, "inference": record} | figures
                 write_json(path, row)
