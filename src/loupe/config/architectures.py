@@ -89,7 +89,8 @@ class JointConfig(ArchitectureSettings):
     """(width, height) of the thumbnail given to h."""
     thumbnail_backbone: str = "tiny"
     thumbnail_pretrained: bool | str = False
-    """false, true (timm hub weights) or the path of a local checkpoint."""
+    """false, true (the package's installed weights for "efficientnet-lite0-imagenet"; timm hub weights for a timm
+    model name) or the path of a local checkpoint."""
     k: int = 5
     """Patches read per sample."""
     replace: bool = False

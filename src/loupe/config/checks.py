@@ -55,7 +55,13 @@ def _pretrained(v: Any) -> bool:
     return isinstance(v, bool) or (isinstance(v, str) and Path(v).expanduser().is_file())
 
 
-PRETRAINED: Rule = _pretrained, "false, true (timm hub weights) or the path of an existing checkpoint file"
+PRETRAINED: Rule = (
+    _pretrained,
+    (
+        "false, true (efficientnet-lite0-imagenet: the weights installed with loupe[imagenet]; a timm name: timm hub "
+        "weights) or the path of an existing checkpoint file"
+    ),
+)
 THUMBNAIL: Rule = (
     (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) and x >= 8 for x in v)),
     "[width, height], each an integer ≥ 8",

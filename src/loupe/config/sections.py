@@ -107,7 +107,8 @@ class ModelConfig:
     """The patch network f (joint, gated_mil) or the streamed trunk (streamingclam): "tiny", "tiny_s8" or a timm
     model name."""
     patch_pretrained: bool | str = False
-    """false, true (timm hub weights) or the path of a local checkpoint (a registry encoder: its weights file)."""
+    """false, true (the weights installed with the package for "efficientnet-lite0-imagenet"; timm hub weights for a
+    timm model name) or the path of a local checkpoint (a registry encoder: its weights file)."""
     freeze_patch_backbone: bool = False
     """Keep the patch network as loaded: no gradient, eval mode, and on a GPU with mixed precision held in the
     compute dtype. The attention network, the thumbnail network and the classifier still train end to end (the
