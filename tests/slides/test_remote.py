@@ -152,3 +152,23 @@ def test_object_store_urls_without_their_filesystem_name_the_extra(url, extra, m
         monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ConfigError, match=rf"{url.split(':')[0]}:// slides needs the optional extra.*loupe\[{extra}\]"):
         open_slide(url)
+
+
+def test_a_second_open_with_a_slide_cache_asks_the_server_for_no_header_bytes(served, tmp_path):
+    """The byte ranges tifffile read while opening are kept in the slide cache (keyed by the URL and ETag): the
+    next open asks only for the object's identity, and a region read then asks only for its tiles."""
+    from loupe.slides.cache import SlideCache
+
+    server, _ = served
+    cache = SlideCache(tmp_path / "cache")
+    url = f"{server.url}/{SLIDES[0]}"
+    forget_identities()
+    with open_slide(url, cache=cache) as first:
+        expected = first.read_region(500, 600, (300, 300), (300, 300))
+    forget_identities()
+    before = len(server.requests())
+    with open_slide(url, cache=cache) as again:
+        opened = server.requests()[before:]
+        np.testing.assert_array_equal(again.read_region(500, 600, (300, 300), (300, 300)), expected)
+    assert [r[2] for r in opened] == ["HEAD"]
+    assert all(r[2] == "GET" and r[1] < 100_000 for r in server.requests()[before + 1 :])

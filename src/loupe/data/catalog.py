@@ -150,10 +150,11 @@ class SlideCatalog:
                 self._readers[i] = r  # most recently used last
                 return r
         rec = self.records[i]
-        r = open_slide(rec.path, backend=self.backend, mpp=rec.mpp)
+        cache = self.preparer.cache  # a slide named by URL keeps its header's bytes there
+        r = open_slide(rec.path, backend=self.backend, mpp=rec.mpp, cache=cache)
         if rec.mpp is None and r.file_mpp is None and self.slide_mpp is not None:
             r.close()
-            r = open_slide(rec.path, backend=self.backend, mpp=self.slide_mpp)
+            r = open_slide(rec.path, backend=self.backend, mpp=self.slide_mpp, cache=cache)
         with self._lock:
             if i in self._readers:  # another thread opened it meanwhile
                 r.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import openslide
 
 from loupe.errors import ConfigError, SlideError
+from loupe.slides.cache import SlideCache
 from loupe.slides.formats import BACKENDS, IMAGE_SUFFIXES, TIFF_SUFFIXES
 from loupe.slides.image_reader import ImageReader
 from loupe.slides.openslide_reader import OpenSlideReader, resolve_dicom_path
@@ -80,15 +81,18 @@ def check_header(reader: SlideReader) -> None:
         )
 
 
-def open_slide(path: str | Path | SlideURL, backend: str = "auto", mpp: float | None = None) -> SlideReader:
+def open_slide(
+    path: str | Path | SlideURL, backend: str = "auto", mpp: float | None = None, *, cache: SlideCache | None = None
+) -> SlideReader:
     """Open a slide for reading. ``mpp`` overrides (or supplies) the level-0 µm/px.
 
     'auto' picks OpenSlide or the image reader (see ``choose_backend``); 'tiffslide' must be asked for and needs
     the optional extra ``loupe[tiffslide]``. A header no real slide has is refused (:func:`check_header`).
     ``path`` may be a URL (:mod:`loupe.slides.urls`): TIFF-family slides are then read over the network
-    (:mod:`loupe.slides.remote`, the optional extra ``loupe[remote]``).
+    (:mod:`loupe.slides.remote`, the optional extra ``loupe[remote]``), and ``cache`` keeps what their header
+    reads fetched, so that the next open asks the server nothing (local files ignore it).
     """
-    reader = _open(path, backend, mpp)
+    reader = _open(path, backend, mpp, cache)
     try:
         check_header(reader)
     except BaseException:
@@ -97,12 +101,12 @@ def open_slide(path: str | Path | SlideURL, backend: str = "auto", mpp: float | 
     return reader
 
 
-def _open(path: str | Path | SlideURL, backend: str, mpp: float | None) -> SlideReader:
+def _open(path: str | Path | SlideURL, backend: str, mpp: float | None, cache: SlideCache | None) -> SlideReader:
     if backend != "auto" and backend not in READERS:
         raise ConfigError(f"unknown slide backend {backend!r}: choose one of {', '.join(('auto', *READERS))}")
     url = as_source(path)
     if url is not None:
-        return open_remote(url, backend, mpp)
+        return open_remote(url, backend, mpp, cache)
     assert not isinstance(path, SlideURL)
     p = Path(os.path.expanduser(path))
     if not p.exists():

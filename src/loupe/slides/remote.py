@@ -2,9 +2,11 @@
 
 Only what is read is fetched: tifffile parses the header (the IFDs and, per level read, its tile table), tiffslide
 reads the tiles under each region, and fsspec fetches them as HTTP range requests (S3/GCS ranged GETs) on
-reused connections, through a block cache (:data:`BLOCK_SIZE`) that serves neighbouring tiles and the header's
-small reads from one request. The object's identity for the slide cache is its URL without credentials plus its
-ETag (or Last-Modified and size): :func:`remote_identity`, asked once per :data:`IDENTITY_TTL_S` per process.
+reused connections. The header's reads go through a block cache (:data:`BLOCK_SIZE`; a read over several missing
+blocks is one request) and, with a slide cache, are kept with the slide's entries, so the next open of the same
+object asks the server nothing (:class:`RemoteTiffReader`). The object's identity for the slide cache is its URL
+without credentials plus its ETag (or Last-Modified and size): :func:`remote_identity`, asked once per
+:data:`IDENTITY_TTL_S` per process.
 
 Faults: a server error (5xx, 429), a refused or dropped connection or a truncated response is retried with
 exponential backoff (:func:`with_retries`, a bounded number of times); 404, 401/403 and other refusals fail at
@@ -19,21 +21,24 @@ backoff 0.25 s doubling) and ``LOUPE_REMOTE_BLOCK`` (bytes per block, default 32
 from __future__ import annotations
 
 import importlib
-import io
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from loupe.errors import ConfigError, SlideError
 from loupe.slides.pyramid import PyramidReader
+from loupe.slides.range_file import RangeFile
 from loupe.slides.tiffslide_reader import TiffSlideReader
 from loupe.slides.urls import REMOTE_TIFF_SUFFIXES, SlideURL, needs_local_file, redact_text
+
+if TYPE_CHECKING:
+    from loupe.slides.cache import SlideCache
 
 log = logging.getLogger("loupe")
 
@@ -194,85 +199,8 @@ def with_retries(url: SlideURL, what: str, call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-class RetryingFile(io.RawIOBase):
-    """A seekable fsspec file whose reads are repeated after retryable failures (each read from its own
-    position: a failed block fetch leaves nothing cached, so the repeat fetches it again). Once a read has used up
-    its retries, the reads of the next :data:`GIVE_UP_S` seconds fail at once with that error (the rest of the
-    slide's region fails with it, instead of each tile taking as long again); later ones try afresh."""
-
-    def __init__(self, handle: Any, url: SlideURL) -> None:
-        super().__init__()
-        self._handle, self._url = handle, url
-        self._gave_up: tuple[float, Exception] | None = None  # when retrying last stopped, and why
-        self._position = 0
-        self._ranges: dict[int, bytes] = {}  # prefetched byte ranges by start (the tiles of regions being read)
-        self._ranges_lock = threading.Lock()
-        self.name = url.name
-
-    def hold(self, ranges: dict[int, bytes]) -> None:
-        """Serve reads inside these byte ranges (start: bytes) from memory until :meth:`release`."""
-        with self._ranges_lock:
-            self._ranges.update(ranges)
-
-    def release(self, starts: list[int]) -> None:
-        with self._ranges_lock:
-            for start in starts:
-                self._ranges.pop(start, None)
-
-    def _held(self, start: int, size: int) -> bytes | None:
-        with self._ranges_lock:
-            for begin, data in self._ranges.items():
-                if begin <= start and start + size <= begin + len(data):
-                    return data[start - begin : start - begin + size]
-        return None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._position = int(self._handle.seek(offset, whence))
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def read(self, size: int | None = -1) -> bytes:
-        start = self._position
-        if size is not None and size >= 0:
-            held = self._held(start, size)
-            if held is not None:
-                self._position = start + len(held)
-                return held
-
-        def once() -> bytes:
-            self._handle.seek(start)
-            return bytes(self._handle.read(-1 if size is None else size))
-
-        gave_up = self._gave_up
-        if gave_up is not None and time.monotonic() - gave_up[0] < GIVE_UP_S:
-            raise gave_up[1]  # the server is gone: the region's other tiles fail at once, not each as slowly
-        try:
-            data = with_retries(self._url, f"reading {size} bytes at {start}", once)
-        except Exception as err:
-            if retryable(err):
-                self._gave_up = (time.monotonic(), err)
-            raise
-        self._position = start + len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(memoryview(buffer)))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        try:
-            self._handle.close()
-        finally:
-            super().close()
+class NotCacheable(OSError):
+    """The server names no version of the object (neither ETag nor Last-Modified): nothing of it is cached."""
 
 
 _identities: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -302,7 +230,7 @@ def remote_identity(url: SlideURL) -> dict[str, Any]:
     etag = lower.get("etag") or lower.get("md5hash") or lower.get("generation")
     modified = lower.get("last-modified") or lower.get("lastmodified") or lower.get("updated") or lower.get("mtime")
     if not etag and not modified:
-        raise OSError(f"slide {url}: the server gives neither an ETag nor a Last-Modified; it is not cached")
+        raise NotCacheable(f"slide {url}: the server gives neither an ETag nor a Last-Modified; it is not cached")
     ident = {
         "url": url.without_credentials(),
         "etag": str(etag) if etag else None,
@@ -321,38 +249,105 @@ def forget_identities() -> None:
 
 
 class RemoteTiffReader(TiffSlideReader):
-    """A TIFF-family slide read by URL through fsspec and tiffslide; everything else as :class:`TiffSlideReader`."""
+    """A TIFF-family slide read by URL through fsspec and tiffslide; everything else as :class:`TiffSlideReader`.
 
-    def __init__(self, url: SlideURL, mpp: float | None = None) -> None:
-        self._url = url
+    tifffile reads the object through a :class:`~loupe.slides.range_file.RangeFile`: block-cached, one request
+    per run of missing blocks. With a slide ``cache``, the byte ranges tifffile read while opening are stored in
+    it (entry ``tiff-header``, keyed like every entry by the URL and the object's ETag) and served from memory the
+    next time the slide is opened: a re-run asks the server only for the patches' tiles.
+    """
+
+    def __init__(self, url: SlideURL, mpp: float | None = None, cache: SlideCache | None = None) -> None:
+        self._url, self._cache = url, cache
+        self._gave_up: tuple[float, Exception] | None = None  # when retrying last stopped, and why
+        self._header_hit = False
         super().__init__(url, mpp)
+        self._first_tiles()
+        recorded = self._file.recorded()
+        if cache is not None and not self._header_hit and recorded:
+            starts = np.array([start for start, _ in recorded], dtype=np.int64)
+            lengths = np.array([len(data) for _, data in recorded], dtype=np.int64)
+            data = np.frombuffer(b"".join(data for _, data in recorded), dtype=np.uint8)
+            cache.store("tiff-header", url, self._header_params(), {"starts": starts, "lengths": lengths, "data": data})
+
+    def _first_tiles(self) -> None:
+        """Have tifffile read what it reads when a level is first read (the first bytes of its first tile, to pick
+        the decoder) now, while the header's reads are recorded: else every level's first read on a re-run waits
+        for one more request, one after another."""
+        try:
+            series = self._slide.ts_tifffile.series[int(self._props.get("tiffslide.series-index", 0) or 0)]
+            for level in series.levels:
+                _ = level.keyframe.decode
+        except Exception:  # an unusual layout: the reads happen on first use instead
+            log.debug("slide %s: the levels' decoders could not be chosen at open", self._url)
+
+    def _header_params(self) -> dict[str, str]:
+        """What the recorded header reads depend on besides the object: the libraries that made them."""
+        return {"tifffile": str(self._slide_module("tifffile")), "tiffslide": str(self._slide_module("tiffslide"))}
+
+    @staticmethod
+    def _slide_module(name: str) -> str:
+        return str(getattr(importlib.import_module(name), "__version__", "?"))
+
+    def _fetch(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of ``spans`` [(start, end)], one request each, in parallel, retried (:func:`with_retries`).
+        Once a fetch has used up its retries, the fetches of the next :data:`GIVE_UP_S` seconds fail at once with
+        that error (the rest of the slide's region fails with it, instead of each tile taking as long again)."""
+        gave_up = self._gave_up
+        if gave_up is not None and time.monotonic() - gave_up[0] < GIVE_UP_S:
+            raise gave_up[1]
+        path = _fs_path(self._url)
+
+        def once() -> list[bytes]:
+            if len(spans) == 1:
+                blobs = [self._fs.cat_file(path, start=spans[0][0], end=spans[0][1])]
+            else:
+                blobs = self._fs.cat_ranges(
+                    [path] * len(spans), [a for a, _ in spans], [b for _, b in spans], on_error="raise"
+                )
+            for (a, b), blob in zip(spans, blobs, strict=True):
+                if not isinstance(blob, bytes) or len(blob) != b - a:
+                    got = len(blob) if isinstance(blob, bytes) else type(blob).__name__
+                    raise ConnectionError(f"the server sent {got} bytes for a range of {b - a} at {a}")
+            return list(blobs)
+
+        try:
+            return with_retries(self._url, f"reading {len(spans)} byte ranges", once)
+        except Exception as err:
+            if retryable(err):
+                self._gave_up = (time.monotonic(), err)
+            raise
 
     def _open_tiffslide(self, tiffslide: ModuleType) -> Any:
-        fs = filesystem(self._url)
-        options: dict[str, Any] = {
-            "block_size": block_size(),
-            "cache_type": "blockcache",
-            "cache_options": {"maxblocks": MAX_BLOCKS},
-        }
-        if self._url.scheme in ("http", "https"):
-            try:  # the size asked for the cache key already: the open asks the server once less
-                size = remote_identity(self._url).get("size")
-            except OSError:
-                size = None
-            if isinstance(size, int) and size > 0:
-                options["size"] = size
-        try:
-            raw = with_retries(self._url, "opening", lambda: fs.open(_fs_path(self._url), mode="rb", **options))
-        except Exception as err:
-            raise _failure(self._url, err) from None
-        handle = RetryingFile(raw, self._url)
+        self._fs = filesystem(self._url)
+        size: Any = None
+        try:  # the size asked for the cache key already: the open asks the server nothing more
+            size = remote_identity(self._url).get("size")
+        except NotCacheable:
+            pass
+        except OSError as err:
+            raise SlideError(str(err)) from None
+        if not isinstance(size, int) or size <= 0:
+            try:
+                size = int(with_retries(self._url, "asking for its size", lambda: self._fs.size(_fs_path(self._url))))
+            except Exception as err:
+                raise _failure(self._url, err) from None
+        handle = RangeFile(self._fetch, size, block_size(), MAX_BLOCKS, self._url.name)
         self._file = handle
-        self._fs = fs
+        if self._cache is not None:
+            entry = self._cache.load("tiff-header", self._url, self._header_params())
+            if entry is not None:
+                data, ends = entry["data"].tobytes(), [int(e) for e in np.cumsum(entry["lengths"])]
+                lengths = [int(n) for n in entry["lengths"]]
+                starts = [int(s) for s in entry["starts"]]
+                handle.remember([(s, data[e - n : e]) for s, n, e in zip(starts, lengths, ends, strict=True)])
+                self._header_hit = True
+        handle.record()
         try:
             return tiffslide.TiffSlide(handle)
         except Exception as err:
             handle.close()
-            if isinstance(err, (OSError, TimeoutError)) or type(err).__module__.startswith("aiohttp"):
+            if _is_network_error(err):
                 raise _failure(self._url, err) from None
             raise SlideError(
                 f"slide {self._url} could not be opened by tiffslide ({redact_text(f'{type(err).__name__}: {err}')}"
@@ -394,19 +389,13 @@ class RemoteTiffReader(TiffSlideReader):
                 ranges = self._tile_ranges(level, x0, y0, x1 - x0, y1 - y0)
             except Exception:  # an unusual layout: tiffslide reads the tiles itself, through the block cache
                 ranges = []
+            ranges = [(a, b) for a, b in ranges if not self._file.covered(a, b)]  # e.g. in the header's blocks
             if ranges:
-                path = _fs_path(self._url)
                 try:
-                    blobs = with_retries(
-                        self._url,
-                        f"reading {len(ranges)} tile ranges",
-                        lambda: self._fs.cat_ranges(
-                            [path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges], on_error="raise"
-                        ),
-                    )
+                    blobs = self._fetch(ranges)
                 except Exception as err:
                     raise _failure(self._url, err) from None
-                held = {a: bytes(blob) for (a, _), blob in zip(ranges, blobs, strict=True) if isinstance(blob, bytes)}
+                held = {a: blob for (a, _), blob in zip(ranges, blobs, strict=True)}
                 self._file.hold(held)
                 starts = list(held)
         try:
@@ -424,16 +413,17 @@ class RemoteTiffReader(TiffSlideReader):
 
 
 def _is_network_error(err: BaseException) -> bool:
-    return isinstance(err, (OSError, TimeoutError)) or type(err).__module__.split(".")[0] in ("aiohttp", "botocore")
+    network = isinstance(err, (OSError, TimeoutError, EOFError))
+    return network or type(err).__module__.split(".")[0] in ("aiohttp", "botocore")
 
 
-def open_remote(url: SlideURL, backend: str, mpp: float | None) -> PyramidReader:
+def open_remote(url: SlideURL, backend: str, mpp: float | None, cache: SlideCache | None = None) -> PyramidReader:
     """Open the slide at ``url``: DICOMweb series through wsidicom, TIFF-family slides through tiffslide over
-    fsspec, anything else refused."""
+    fsspec (its header ranges kept in ``cache``), anything else refused."""
     if url.is_dicomweb:
         from loupe.slides.dicomweb import DicomWebReader
 
         return DicomWebReader(url, mpp)
     if backend not in ("auto", "tiffslide") or url.suffix.lower() not in REMOTE_TIFF_SUFFIXES:
         raise needs_local_file(url, backend)
-    return RemoteTiffReader(url, mpp)
+    return RemoteTiffReader(url, mpp, cache)
