@@ -262,9 +262,11 @@ class RemoteTiffReader(TiffSlideReader):
         self._gave_up: tuple[float, Exception] | None = None  # when retrying last stopped, and why
         self._header_hit = False
         super().__init__(url, mpp)
+        if cache is None or self._header_hit:  # nothing to store: no recording, no probe of unused levels
+            return
         self._first_tiles()
         recorded = self._file.recorded()
-        if cache is not None and not self._header_hit and recorded:
+        if recorded:
             starts = np.array([start for start, _ in recorded], dtype=np.int64)
             lengths = np.array([len(data) for _, data in recorded], dtype=np.int64)
             data = np.frombuffer(b"".join(data for _, data in recorded), dtype=np.uint8)
@@ -283,11 +285,9 @@ class RemoteTiffReader(TiffSlideReader):
 
     def _header_params(self) -> dict[str, str]:
         """What the recorded header reads depend on besides the object: the libraries that made them."""
-        return {"tifffile": str(self._slide_module("tifffile")), "tiffslide": str(self._slide_module("tiffslide"))}
-
-    @staticmethod
-    def _slide_module(name: str) -> str:
-        return str(getattr(importlib.import_module(name), "__version__", "?"))
+        return {
+            name: str(getattr(importlib.import_module(name), "__version__", "?")) for name in ("tifffile", "tiffslide")
+        }
 
     def _fetch(self, spans: list[tuple[int, int]]) -> list[bytes]:
         """The bytes of ``spans`` [(start, end)], one request each, in parallel, retried (:func:`with_retries`).
@@ -337,12 +337,12 @@ class RemoteTiffReader(TiffSlideReader):
         if self._cache is not None:
             entry = self._cache.load("tiff-header", self._url, self._header_params())
             if entry is not None:
-                data, ends = entry["data"].tobytes(), [int(e) for e in np.cumsum(entry["lengths"])]
-                lengths = [int(n) for n in entry["lengths"]]
-                starts = [int(s) for s in entry["starts"]]
-                handle.remember([(s, data[e - n : e]) for s, n, e in zip(starts, lengths, ends, strict=True)])
+                data, bounds = entry["data"].tobytes(), np.concatenate(([0], np.cumsum(entry["lengths"]))).tolist()
+                starts = entry["starts"].tolist()
+                handle.remember([(s, data[a:b]) for s, a, b in zip(starts, bounds[:-1], bounds[1:], strict=True)])
                 self._header_hit = True
-        handle.record()
+            else:
+                handle.record()  # what tifffile reads while opening: stored in the cache by __init__
         try:
             return tiffslide.TiffSlide(handle)
         except Exception as err:
